@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PROFILE ?= tiny
+KERNEL := zerosearch
+RUN    := outputs/$(PROFILE)/notebooks
+NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+
+.PHONY: install demo test bench lab clean
+
+# The venv is (re)installed when missing or when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Runs every numbered notebook in order, headless; executed copies land in outputs/<profile>/notebooks/.
+demo: $(STAMP)
+	mkdir -p $(RUN)
+	for nb in $(NOTEBOOKS); do \
+	  $(PY) -m papermill $$nb $(RUN)/$$(basename $$nb) -k $(KERNEL) -p profile $(PROFILE) --cwd notebooks || exit 1; \
+	done
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/prepare.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf outputs/*/ $(VENV)

@@ -1,0 +1,57 @@
+import pytest
+
+from zslib.config import CONFIG_DIR, ConfigError, load_profile
+
+
+def test_tiny_profile_defaults():
+    p = load_profile("tiny")
+    assert p.name == "tiny" and p.is_tiny
+    assert p.search.engine == "bm25" and p.search.topk == 3
+    assert p.out.name == "tiny" and p.out.parent.name == "outputs"
+
+
+@pytest.mark.parametrize("name,model", [("qwen3-0.6b", "Qwen/Qwen3-0.6B"), ("qwen3-1.7b", "Qwen/Qwen3-1.7B"),
+                                        ("qwen3-4b", "Qwen/Qwen3-4B")])
+def test_gpu_profiles_name_qwen3(name, model):
+    p = load_profile(name)
+    assert p.models.policy == model and not p.is_tiny
+    assert p.policy_path == model
+    assert "nq" in p.data.train_sets and "bamboogle" in p.data.eval_sets
+
+
+def test_profile_by_path_and_overrides(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\ntiny:\n  policy_steps: 7\n")
+    p = load_profile(str(f), overrides={"tiny.lr": 1, "rollout.max_turns": 2})
+    assert p.name == "mine" and p.tiny.policy_steps == 7
+    assert p.tiny.lr == 1.0 and isinstance(p.tiny.lr, float)
+    assert p.rollout.max_turns == 2
+
+
+def test_unknown_key_is_named(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("tiny:\n  polcy_steps: 7\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml.*unknown key tiny\.polcy_steps"):
+        load_profile(str(f))
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key rollout\.max_turn\b"):
+        load_profile("tiny", overrides={"rollout.max_turn": 3})
+
+
+@pytest.mark.parametrize("key,value", [("tiny.policy_steps", "many"), ("tiny.bf16_autocast", 1),
+                                       ("rollout.max_turns", 2.5), ("search.topk", True), ("world", 3)])
+def test_wrong_type_is_named(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_profile("tiny", overrides={key: value})
+
+
+def test_missing_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_profile("no-such-profile")
+
+
+def test_every_shipped_profile_loads():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        load_profile(path.stem)

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from zslib.data import DataError, load_qa
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_loads_local_jsonl_in_unified_schema(tmp_path):
+    f = _write(tmp_path / "test.jsonl", [
+        {"id": "a", "question": "who wrote it", "golden_answers": ["Someone", "S. One"], "extra": 1},
+        {"question": "where?", "golden_answers": [1990]},
+    ])
+    ds = load_qa("nq", "test", f)
+    assert ds.column_names == ["id", "question", "golden_answers", "dataset"]
+    assert ds[0]["golden_answers"] == ["Someone", "S. One"]
+    assert ds[1]["id"] == "test_1" and ds[1]["golden_answers"] == ["1990"]
+
+
+def test_loads_a_folder_and_parquet(tmp_path):
+    import datasets
+    datasets.Dataset.from_list([{"id": "x", "question": "q?", "golden_answers": ["a"]}]).to_parquet(str(tmp_path / "dev.parquet"))
+    ds = load_qa("hotpotqa", "dev", tmp_path)
+    assert len(ds) == 1 and ds[0]["dataset"] == "hotpotqa"
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"golden_answers": ["a"]}, "question"),
+    ({"question": "  ", "golden_answers": ["a"]}, "question"),
+    ({"question": "q?", "golden_answers": []}, "golden_answers"),
+    ({"question": "q?", "golden_answers": "a"}, "golden_answers"),
+    ({"question": "q?", "golden_answers": ["", "b"]}, "golden_answers"),
+])
+def test_malformed_row_names_file_row_and_field(tmp_path, bad, field):
+    f = _write(tmp_path / "train.jsonl", [{"question": "fine?", "golden_answers": ["ok"]}, bad])
+    with pytest.raises(DataError) as e:
+        load_qa("nq", "train", f)
+    assert str(f) in str(e.value) and "row 2" in str(e.value) and field in str(e.value)
+
+
+def test_broken_json_names_row(tmp_path):
+    f = _write(tmp_path / "test.jsonl", [{"question": "a?", "golden_answers": ["b"]}, "{not json"])
+    with pytest.raises(DataError, match="row 2"):
+        load_qa("nq", "test", f)
+
+
+def test_tiny_world_keeps_metadata(tiny_world):
+    ds = load_qa("tiny", "test", tiny_world["dir"])
+    assert len(ds) == len(tiny_world["splits"]["test"])
+    assert {"hops", "relation", "subject", "supporting_titles"} <= set(ds.column_names)
+
+
+def test_unknown_dataset_is_an_error():
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_qa("no-such-set", "test")
+
+
+def test_profile_reads_a_local_copy_before_the_hub(tmp_path):
+    from zslib.config import ROOT, load_profile
+    from zslib.data import load_for_profile
+    p = load_profile("qwen3-0.6b", overrides={"data.local_dir": str(ROOT / "data")})
+    ds = load_for_profile(p, "flashrag_sample", "test")
+    assert len(ds) == 5 and ds[1]["golden_answers"] == ["Jane Austen", "Austen"]

@@ -1,0 +1,76 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from zslib import tiny
+from zslib.config import TinyConfig
+from zslib.prompts import TAGS, information_block, render_policy_prompt
+from zslib.search import Doc
+
+
+def test_tokenizer_round_trips_world_and_protocol_text(tokenizer, tiny_world):
+    texts = [a["text"] for a in tiny_world["articles"][:200]]
+    texts.append(render_policy_prompt(tokenizer, "Where was Xo Ba born?")
+                 + "<think> hm </think>\n<search> Xo Ba </search>" + information_block([Doc("Xo Ba", "Xo Ba é ✓.")]))
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+
+
+def test_vocabulary_is_small_and_tags_are_atomic(tokenizer):
+    assert 1000 < len(tokenizer) < 1400
+    for tag in TAGS:
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_unseen_names_split_into_pieces(tokenizer):
+    # A fresh syllable name is spelled with several tokens, like the names seen in training.
+    assert len(tokenizer.tokenize(" Vorquelindrax")) >= 3
+
+
+def test_chat_template_and_padding(tokenizer):
+    prompt = render_policy_prompt(tokenizer, "who is it")
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert "Question: who is it?" in prompt
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_model_saves_and_loads_through_auto_classes(tokenizer, tmp_path):
+    cfg = TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1)
+    model = tiny.build_model(tokenizer, cfg, seed=0).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "Qwen3ForCausalLM"
+    ids = tok2("Where was Xo Ba born?", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == tokenizer("Where was Xo Ba born?", return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_demonstrations_train_only_the_assistant_turns(tokenizer, tiny_world, bm25):
+    by_name = {e["name"]: e for e in tiny_world["entities"]}
+    rows = tiny_world["splits"]["train"][:60]
+    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1)
+    assert len(demos) == 60
+    searched = 0
+    for ex in demos:
+        trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+        context = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if not m])
+        assert "<information>" not in trained and "Doc 1" not in trained
+        assert context.startswith("<|im_start|>user") and "Question:" not in trained
+        assert trained.rstrip().endswith("</answer><|im_end|>")
+        searched += "<search>" in trained
+    assert searched > 40, "most demonstrations search"
+
+
+def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
+    cfg = TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                     lr=3e-3, warmup_steps=5, batch_tokens=2048)
+    model = tiny.build_model(tokenizer, cfg, seed=0)
+    examples = tiny.pack_texts(tokenizer, [a["text"] for a in tiny_world["articles"][:300]], 128, seed=0)
+    history = tiny.pretrain(model, examples, 60, cfg, tmp_path / "loss.jsonl", seed=0)
+    assert len(tiny.read_log(tmp_path / "loss.jsonl")) == 60
+    first, last = history[0]["loss"], sum(r["loss"] for r in history[-10:]) / 10
+    assert last < 0.6 * first

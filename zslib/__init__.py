@@ -1,0 +1,1 @@
+"""zslib: the library behind the ZeroSearch workbench notebooks."""

@@ -1,0 +1,111 @@
+"""QA datasets in one schema: ``id``, ``question``, ``golden_answers`` (list of str), ``dataset``.
+
+Sources, tried in this order:
+- ``path``: a JSONL or parquet file, or a folder holding ``<split>.jsonl`` / ``<split>.parquet``;
+- ``"tiny"``: the synthetic world written by notebook 00 (keeps its metadata columns:
+  ``hops``, ``relation``, ``subject``, ``supporting_titles``);
+- a FlashRAG name (nq, triviaqa, popqa, hotpotqa, 2wikimultihopqa, musique, bamboogle): the
+  hub's ``RUC-NLPIR/FlashRAG_datasets`` when online.
+
+A malformed row is an error naming the file and row; no row is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+from .config import ROOT
+
+FLASHRAG_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+FLASHRAG_HUB_ID = "RUC-NLPIR/FlashRAG_datasets"
+TINY_EXTRA = ("hops", "relation", "subject", "supporting_titles")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_rows(file: Path) -> list[dict]:
+    if file.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(file)).to_list()
+    rows = []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}, row {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def normalize_rows(rows: list[dict], source: str, name: str, split: str) -> list[dict]:
+    """Check and convert rows to the unified schema; ``source`` names the file in errors."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        where = f"{source}, row {n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        q = row.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where}: field 'question' is missing or empty")
+        answers = row.get("golden_answers")
+        if not isinstance(answers, (list, tuple)) or not answers:
+            raise DataError(f"{where}: field 'golden_answers' must be a non-empty list, got {answers!r}")
+        if not all(isinstance(a, (str, int, float)) and str(a).strip() for a in answers):
+            raise DataError(f"{where}: field 'golden_answers' holds an empty or non-text answer: {answers!r}")
+        item = {"id": str(row.get("id", f"{split}_{n - 1}")), "question": q.strip(),
+                "golden_answers": [str(a).strip() for a in answers], "dataset": name}
+        if name == "tiny":
+            for k in TINY_EXTRA:
+                item[k] = row[k]
+        out.append(item)
+    return out
+
+
+def _local_file(path: Path, split: str) -> Path:
+    if path.is_dir():
+        for ext in (".jsonl", ".parquet"):
+            if (path / f"{split}{ext}").exists():
+                return path / f"{split}{ext}"
+        raise DataError(f"{path}: no {split}.jsonl or {split}.parquet in this folder")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    return path
+
+
+def load_qa(name: str, split: str, path: str | Path | None = None) -> datasets.Dataset:
+    """One QA split as a ``datasets.Dataset`` in the unified schema."""
+    if path is None and name == "tiny":
+        path = ROOT / "outputs" / "tiny" / "data"
+        if not (path / f"{split}.jsonl").exists():
+            raise DataError(f"{path / f'{split}.jsonl'} does not exist: run notebooks/00_prepare.ipynb first")
+    if path is not None:
+        file = _local_file(Path(path), split)
+        rows = normalize_rows(read_rows(file), str(file), name, split)
+    elif name in FLASHRAG_DATASETS:
+        hub = datasets.load_dataset(FLASHRAG_HUB_ID, name, split=split)
+        rows = normalize_rows(hub.to_list(), f"{FLASHRAG_HUB_ID}/{name}/{split}", name, split)
+    else:
+        raise DataError(f"unknown dataset {name!r}: use 'tiny', one of {', '.join(FLASHRAG_DATASETS)}, "
+                        "or give a path")
+    if not rows:
+        raise DataError(f"{name}/{split}: no rows")
+    return datasets.Dataset.from_list(rows)
+
+
+# FlashRAG publishes labelled test sets for some datasets only; the rest are evaluated on dev.
+EVAL_SPLIT = {"nq": "test", "triviaqa": "test", "popqa": "test", "bamboogle": "test",
+              "hotpotqa": "dev", "2wikimultihopqa": "dev", "musique": "dev", "tiny": "test"}
+
+
+def load_for_profile(profile, name: str, split: str) -> datasets.Dataset:
+    """A dataset as a profile sees it: the tiny world under outputs/, a local copy, or the hub."""
+    if name == "tiny":
+        return load_qa("tiny", split, profile.data_dir)
+    local = Path(profile.data.local_dir) / name if profile.data.local_dir else None
+    return load_qa(name, split, local)

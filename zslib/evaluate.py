@@ -1,0 +1,40 @@
+"""Evaluation: retrieval recall of an engine, and QA scores of a policy run through rollouts."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from .reward import cover_exact_match, exact_match, f1_score
+from .rollout import rollout
+
+
+def retrieval_recall(engine, rows: list[dict], topk: int, batch_size: int = 256) -> float:
+    """Share of questions whose supporting (first) title is among the top-k for the question."""
+    hits = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        results = engine.search([r["question"] for r in chunk], topk)
+        hits += sum(r["supporting_titles"][0] in {d.title for d in docs} for r, docs in zip(chunk, results))
+    return hits / max(1, len(rows))
+
+
+def score_trajectories(trajs) -> dict:
+    n = max(1, len(trajs))
+    return {
+        "em": sum(exact_match(t.answer, t.golden_answers) for t in trajs) / n,
+        "cover_em": sum(cover_exact_match(t.answer, t.golden_answers) for t in trajs) / n,
+        "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / n,
+        "well_formed_first_action": sum(t.first_action in ("search", "answer") for t in trajs) / n,
+        "searches_per_question": sum(len(t.calls) for t in trajs) / n,
+        "answered": sum(t.answer is not None for t in trajs) / n,
+        "n": len(trajs),
+    }
+
+
+def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temperature: float,
+                    desc: str = "evaluate") -> tuple[dict, list]:
+    """Roll out every row in batches of ``cfg.batch_size``; returns (scores, trajectories)."""
+    trajs = []
+    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc):
+        trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
+    return score_trajectories(trajs), trajs

@@ -1,0 +1,53 @@
+"""Answer extraction and QA scores (DESIGN §6): EM, cover-EM and F1 with SQuAD normalisation."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def extract_answer(response: str) -> str | None:
+    """The last <answer> block of the response (pass the response, not the prompt)."""
+    found = _ANSWER.findall(response or "")
+    return found[-1].strip() if found else None
+
+
+def exact_match(pred: str | None, golden_answers: list[str]) -> float:
+    if pred is None:
+        return 0.0
+    p = normalize_answer(pred)
+    return float(any(p == normalize_answer(g) for g in golden_answers))
+
+
+def cover_exact_match(pred: str | None, golden_answers: list[str]) -> float:
+    """ZeroSearch's reported "EM": a normalised gold answer is a substring of the prediction."""
+    if pred is None:
+        return 0.0
+    p = normalize_answer(pred)
+    return float(any(normalize_answer(g) in p for g in golden_answers))
+
+
+def f1_score(pred: str | None, golden_answers: list[str]) -> float:
+    if pred is None:
+        return 0.0
+    p_tokens = normalize_answer(pred).split()
+    best = 0.0
+    for g in golden_answers:
+        g_tokens = normalize_answer(g).split()
+        common = sum((Counter(p_tokens) & Counter(g_tokens)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(p_tokens), common / len(g_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best

@@ -1,0 +1,160 @@
+"""Multi-turn search rollouts (DESIGN §2), batched over every active row.
+
+Each turn generates until ``</search>`` or ``</answer>`` (stop strings, not generate-to-max),
+parses the first action, runs all of the turn's searches in one ``search()`` call, and appends
+``<information>`` blocks. Trajectories are built by concatenating token ids, never by
+re-rendering the chat template, and carry a ``loss_mask`` that is 1 only on tokens the policy
+generated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .prompts import INVALID_ACTION, information_block, render_policy_prompt
+from .search import Doc, format_docs
+
+STOP_STRINGS = ["</search>", "</answer>"]
+_ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[list[int]]:
+        """New token ids per prompt, ending at a stop string or EOS (inclusive)."""
+
+
+class HFBackend:
+    """transformers ``generate`` with left padding and stop strings."""
+
+    def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS):
+        self.model, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
+        self.pad_id = tokenizer.pad_token_id
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature, top_p):
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            attn[r, width - len(p):] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
+                                  max_new_tokens=max_new_tokens, stop_strings=self.stop_strings,
+                                  tokenizer=self.tokenizer, pad_token_id=self.pad_id, top_k=None, **sampling)
+        new = out[:, width:].tolist()
+        return [self._trim(row) for row in new]
+
+    def _trim(self, row: list[int]) -> list[int]:
+        """Cut at the first EOS (kept) and drop the padding ``generate`` adds to finished rows."""
+        for i, t in enumerate(row):
+            if t in self.eos_ids:
+                return row[: i + 1]
+        return row
+
+
+@dataclass
+class Trajectory:
+    question: str
+    golden_answers: list[str]
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    turns: list[str] = field(default_factory=list)          # generated text per turn
+    calls: list[dict] = field(default_factory=list)         # {"query", "docs", "noisy"}
+    first_action: str | None = None                         # search | answer | invalid
+    answer: str | None = None
+    invalid_actions: int = 0
+    done: bool = False
+
+    def extend(self, ids: list[int], from_policy: bool) -> None:
+        self.token_ids += ids
+        self.loss_mask += [int(from_policy)] * len(ids)
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+
+def parse_action(text: str) -> tuple[str, str] | None:
+    """The first complete ``<search>`` or ``<answer>`` block: (kind, content), or None."""
+    m = _ACTION.search(text)
+    return (m.group(1), m.group(2).strip()) if m else None
+
+
+SearchFn = Callable[[list[str], list["Trajectory"]], list[list[Doc]]]
+
+
+def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: SearchFn, cfg,
+            temperature: float | None = None, enable_thinking: bool = True) -> list[Trajectory]:
+    """Run the protocol on ``rows`` ({"question", "golden_answers"}); ``cfg`` is a RolloutConfig.
+
+    ``search_fn(queries, trajectories)`` gets the turn's queries and the rows asking them, so a
+    simulator can see each row's question and gold answer; it returns documents per query.
+    """
+    temperature = cfg.temperature if temperature is None else temperature
+    trajs = []
+    for row in rows:
+        t = Trajectory(row["question"], list(row["golden_answers"]))
+        prompt_ids = tokenizer(render_policy_prompt(tokenizer, row["question"], enable_thinking),
+                               add_special_tokens=False)["input_ids"]
+        t.extend(prompt_ids, from_policy=False)
+        t.prompt_len = len(prompt_ids)
+        trajs.append(t)
+
+    for turn in range(cfg.max_turns + 1):
+        active = [t for t in trajs if not t.done]
+        if not active:
+            break
+        final_turn = turn == cfg.max_turns  # after max_turns searches, only an answer counts
+        budget = [min(cfg.max_tokens_per_turn, cfg.max_context - len(t.token_ids)) for t in active]
+        for t, b in zip(active, budget):
+            if b <= 0:
+                t.done = True
+        active = [t for t, b in zip(active, budget) if b > 0]
+        if not active:
+            break
+        budget = [b for b in budget if b > 0]
+        new_ids = backend.generate([t.token_ids for t in active], max(budget), temperature, cfg.top_p)
+        searching: list[tuple[Trajectory, str]] = []
+        for t, ids, b in zip(active, new_ids, budget):
+            ids = ids[:b]
+            t.extend(ids, from_policy=True)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            t.turns.append(text)
+            action = parse_action(text)
+            kind = action[0] if action else "invalid"
+            if t.first_action is None:
+                t.first_action = kind
+            if kind == "answer":
+                t.answer, t.done = action[1], True
+            elif kind == "search" and not final_turn:
+                searching.append((t, action[1]))
+            elif final_turn:
+                t.done = True
+            else:
+                t.invalid_actions += 1
+                t.extend(tokenizer(INVALID_ACTION, add_special_tokens=False)["input_ids"], from_policy=False)
+        if searching:
+            results = search_fn([q for _, q in searching], [t for t, _ in searching])
+            for (t, query), docs in zip(searching, results):
+                t.calls.append({"query": query, "docs": [[d.title, d.text] for d in docs], "noisy": None})
+                obs = tokenizer(format_docs(docs), add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
+                block = information_block(tokenizer.decode(obs))
+                t.extend(tokenizer(block, add_special_tokens=False)["input_ids"], from_policy=False)
+        for t in trajs:
+            if not t.done and len(t.token_ids) >= cfg.max_context:
+                t.done = True
+    return trajs
+
+
+def engine_search_fn(engine, topk: int) -> SearchFn:
+    """Adapt a plain engine (BM25, web, none) to the rollout's search hook."""
+    return lambda queries, _trajs: engine.search(queries, topk)

@@ -1,0 +1,356 @@
+"""The tiny offline profile's tokenizer and Qwen3-architecture base models (DESIGN §10).
+
+- ``train_tokenizer``: byte-level BPE (~1k merges, so unseen names split like seen ones),
+  the protocol tags as atomic tokens, wrapped as a transformers tokenizer with a
+  Qwen-style chat template. Nothing downstream relies on the tags being single tokens.
+- ``build_model``: a ``Qwen3Config`` of a few million parameters.
+- ``simulator_corpus``: every article, plus ``Doc i(Title: …)`` result blocks, so the
+  simulator base knows the whole world and the document format before any SFT.
+- ``policy_corpus``: part of the train-split articles plus demonstrations of the search
+  protocol by a scripted, deliberately imperfect agent. Most demonstrations are about
+  entities whose articles the policy never reads outside <information>, so it learns to copy
+  names from the documents instead of recalling them.
+- ``pretrain``: a plain causal-LM loop on the CPU with a progress bar and a JSONL loss log.
+Both bases are saved with ``save_pretrained`` and loaded back only through the Auto classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import TAGS, information_block, render_policy_prompt
+from .search import Doc, SearchEngine
+from .world import RELATIONS
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD, EOS = "<|endoftext|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def train_tokenizer(texts: list[str], merges: int, out_dir: str | Path):
+    """Byte-level BPE with ``merges`` merges; saved so ``AutoTokenizer`` loads it like a hub one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + merges,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                   padding_side="left", chat_template=CHAT_TEMPLATE)
+    fast.add_tokens(list(TAGS))  # atomic here; Qwen3 spells them with several tokens
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+# ---------------------------------------------------------------- models
+
+def build_model(tokenizer, cfg, seed: int):
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, rope_theta=10000.0,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids(EOS), tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+# ---------------------------------------------------------------- training examples
+
+@dataclass
+class Example:
+    """Token ids and a 0/1 mask of the tokens that carry loss."""
+    ids: list[int]
+    mask: list[int]
+
+
+def pack_texts(tokenizer, texts: list[str], max_len: int, seed: int) -> list[Example]:
+    """Shuffle and pack plain texts into sequences of at most ``max_len`` tokens (full loss)."""
+    rng = random.Random(seed)
+    texts = list(texts)
+    rng.shuffle(texts)
+    eos = tokenizer.convert_tokens_to_ids(PAD)
+    out, cur = [], []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        piece = ids[: max_len - 1] + [eos]
+        if cur and len(cur) + len(piece) > max_len:
+            out.append(Example(cur, [1] * len(cur)))
+            cur = []
+        cur = cur + piece
+    if cur:
+        out.append(Example(cur, [1] * len(cur)))
+    return out
+
+
+def segments_to_example(tokenizer, segments: list[tuple[str, bool]]) -> Example:
+    """Tokenize each segment on its own, as a rollout concatenates them (ids, never re-rendered)."""
+    ids, mask = [], []
+    for text, trained in segments:
+        seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += seg
+        mask += [int(trained)] * len(seg)
+    return Example(ids, mask)
+
+
+def simulator_corpus(tokenizer, articles: list[dict], questions: list[dict], engine: SearchEngine,
+                     max_len: int, seed: int, doc_blocks: int = 3000, topk: int = 5) -> list[Example]:
+    """All articles (several shuffles) and result blocks in the document format."""
+    rng = random.Random(seed)
+    texts = [f"{a['title']}\n{a['text']}" for a in articles]
+    picked = rng.sample(questions, min(doc_blocks, len(questions)))
+    queries = [q["question"] if rng.random() < 0.5 else q["subject"] for q in picked]
+    results = engine.search(queries, topk)
+    blocks = [information_block(docs).strip() for docs in results if docs]
+    return pack_texts(tokenizer, texts * 3 + blocks, max_len, seed)
+
+
+# Keyword queries a scripted agent writes besides the question itself.
+_KEYWORDS = {"capital": "capital", "located_in": "country", "born_in": "born", "birth_year": "born year",
+             "educated_at": "studied", "author": "written by", "published": "published",
+             "director": "directed by", "founder": "founded by", "headquarters": "headquartered",
+             "university_city": "city"}
+_SECOND_HOP = {r: t for r, (_, _, t, _) in RELATIONS.items()}
+
+
+def _answer_in(docs: list[Doc], answer: str) -> bool:
+    return any(answer in d.text for d in docs)
+
+
+def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: dict,
+                rng: random.Random) -> str | None:
+    """The same relation's object from another retrieved document: a plausible misreading."""
+    options = [entities_by_name[d.title]["facts"][relation] for d in docs
+               if relation in entities_by_name.get(d.title, {}).get("facts", {})]
+    options = [o for o in options if o != answer]
+    return rng.choice(options) if options else None
+
+
+def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
+                   known: set[str], topk: int, seed: int, per_question: int) -> list[Example]:
+    """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
+
+    Only the assistant's own turns carry loss; the prompt and <information> blocks are context.
+    """
+    rng = random.Random(seed)
+    plans = []
+    for q in questions:
+        for _ in range(per_question):
+            u = rng.random()
+            style = ("no_search" if u < 0.08 else "poor_query" if u < 0.18 else
+                     "wrong_pick" if u < 0.24 else "good")
+            plans.append((q, style))
+    # Batch every first query through the engine at once: bm25s is fast on batches.
+    first_queries = []
+    for q, style in plans:
+        if style == "poor_query":
+            first_queries.append(_KEYWORDS[q["relation"].split("/")[0]] + " " + rng.choice(["name", "place", "year", "who"]))
+        elif rng.random() < 0.6:
+            first_queries.append(q["question"])
+        else:
+            first_queries.append(f"{q['subject']} {_KEYWORDS[q['relation'].split('/')[0]]}")
+    first_results = engine.search(first_queries, topk)
+
+    out = []
+    for (q, style), query, docs in zip(plans, first_queries, first_results):
+        answer, subject = q["golden_answers"][0], q["subject"]
+        prompt = render_policy_prompt(tokenizer, q["question"])
+        segs: list[tuple[str, bool]] = [(prompt, False)]
+        if style == "no_search":
+            guess = answer if subject in known and q["hops"] == 1 else _random_same_type(answer, entities_by_name, rng)
+            segs.append((f"<think> I think I know this. </think>\n<answer> {guess} </answer>{EOS}", True))
+            out.append(segments_to_example(tokenizer, segs))
+            continue
+        segs.append(("<think> I need to search for this. </think>\n<search> " + query + " </search>", True))
+        segs.append((information_block(docs), False))
+        if q["hops"] == 2:
+            bridge = entities_by_name[subject]["facts"][q["relation"].split("/")[0]]
+            if bridge in " ".join(d.text for d in docs):
+                r2 = q["relation"].split("/")[1]
+                q2 = _SECOND_HOP[r2].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {_KEYWORDS[r2]}"
+                docs = engine.search([q2], topk)[0]
+                segs.append((f"<think> I found {bridge}. Now I need to search for {bridge}. </think>\n"
+                             f"<search> {q2} </search>", True))
+                segs.append((information_block(docs), False))
+        if not _answer_in(docs, answer) and rng.random() < 0.7:
+            retry = q["question"] if query != q["question"] else subject
+            docs = engine.search([retry], topk)[0]
+            segs.append((f"<think> The answer is not here. I will search again. </think>\n<search> {retry} </search>", True))
+            segs.append((information_block(docs), False))
+        if _answer_in(docs, answer):
+            pick = answer
+            if style == "wrong_pick" and q["hops"] == 1:
+                pick = _wrong_pick(docs, q["relation"], answer, entities_by_name, rng) or answer
+            segs.append((f"<think> The documents give the answer. </think>\n<answer> {pick} </answer>{EOS}", True))
+        else:
+            guess = _random_same_type(answer, entities_by_name, rng)
+            segs.append((f"<think> I could not find it, so I will guess. </think>\n<answer> {guess} </answer>{EOS}", True))
+        out.append(segments_to_example(tokenizer, segs))
+    return out
+
+
+def _random_same_type(answer: str, entities_by_name: dict, rng: random.Random) -> str:
+    if answer.isdigit():
+        return str(rng.randint(1780, 2020))
+    kind = entities_by_name[answer]["type"] if answer in entities_by_name else None
+    pool = [n for n, e in entities_by_name.items() if e["type"] == kind] or list(entities_by_name)
+    return rng.choice(pool)
+
+
+# ---------------------------------------------------------------- pretraining loop
+
+def _batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[Example]]:
+    """Length-sorted batches of about ``batch_tokens`` padded tokens, in random order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
+    batches, cur = [], []
+    for i in order:
+        longest = max([len(examples[j].ids) for j in cur] + [len(examples[i].ids)])
+        if cur and longest * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return [[examples[i] for i in b] for b in batches]
+
+
+def _collate(batch: list[Example], pad_id: int) -> dict:
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, e in enumerate(batch):  # right padding: positions start at 0 as in generation
+        n = len(e.ids)
+        ids[r, :n] = torch.tensor(e.ids)
+        attn[r, :n] = 1
+        m = torch.tensor(e.mask, dtype=torch.bool)
+        labels[r, :n] = torch.where(m, ids[r, :n], torch.full_like(ids[r, :n], -100))
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def pretrain(model, examples: list[Example], steps: int, cfg, log_path: str | Path, seed: int,
+             desc: str = "pretrain") -> list[dict]:
+    """AdamW with warm-up and cosine decay; one JSON line per step in ``log_path``."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pad_id = model.config.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    queue: list[list[Example]] = []
+    history, seen_tokens, start = [], 0, time.time()
+    with open(log_path, "w") as log, tqdm(total=steps, desc=desc) as bar:
+        for step in range(steps):
+            if not queue:
+                queue = _batches(examples, cfg.batch_tokens, rng)
+            batch = _collate(queue.pop(), pad_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            seen_tokens += int(batch["attention_mask"].sum())
+            row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
+                   "tokens": seen_tokens, "seconds": round(time.time() - start, 2)}
+            history.append(row)
+            log.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update(1)
+    model.eval()
+    return history
+
+
+def read_log(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- the three builds of notebook 00
+
+def tokenizer_texts(articles: list[dict], questions: list[dict]) -> list[str]:
+    """Articles, questions and protocol text, with the fixed protocol phrases repeated so their
+    words become whole tokens (they occur in every demonstration)."""
+    from .prompts import INVALID_ACTION, POLICY_INSTRUCTION
+
+    protocol = [POLICY_INSTRUCTION, INVALID_ACTION, "I need to search for this.", "The documents give the answer.",
+                "The answer is not here. I will search again.", "I could not find it, so I will guess.",
+                "I think I know this.", "I found it. Now I need to search for it.", "Doc 1(Title: x)"]
+    return ([f"{a['title']}\n{a['text']}" for a in articles] + [q["question"] for q in questions]
+            + protocol * 200)
+
+
+def _save(model, tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def build_simulator_base(profile, tokenizer, engine, articles: list[dict], questions: list[dict]) -> list[dict]:
+    """Pretrain the simulator base on the whole encyclopedia; returns the loss log."""
+    cfg = profile.tiny
+    examples = simulator_corpus(tokenizer, articles, questions, engine, max_len=256, seed=profile.seed)
+    model = build_model(tokenizer, cfg, seed=profile.seed)
+    history = pretrain(model, examples, cfg.simulator_steps, cfg, profile.models_dir / "simulator-base.loss.jsonl",
+                       seed=profile.seed, desc="simulator base")
+    _save(model, tokenizer, Path(profile.simulator_path))
+    return history
+
+
+def known_subjects(train_rows: list[dict], fraction: float, seed: int) -> set[str]:
+    """The train-split entities whose articles the policy reads in pretraining."""
+    subjects = sorted({r["subject"] for r in train_rows})
+    return set(random.Random(seed).sample(subjects, int(len(subjects) * fraction)))
+
+
+def build_policy_base(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
+                      train_rows: list[dict]) -> list[dict]:
+    """Pretrain the policy base on known articles plus scripted demonstrations."""
+    cfg = profile.tiny
+    known = known_subjects(train_rows, cfg.known_fraction, profile.seed)
+    by_name = {e["name"]: e for e in entities}
+    known_texts = [f"{a['title']}\n{a['text']}" for a in articles if a["title"] in known]
+    examples = pack_texts(tokenizer, known_texts * 2, max_len=256, seed=profile.seed)
+    examples += scripted_demos(tokenizer, train_rows, engine, by_name, known, profile.search.topk,
+                               seed=profile.seed, per_question=cfg.demos_per_question)
+    model = build_model(tokenizer, cfg, seed=profile.seed + 1)
+    history = pretrain(model, examples, cfg.policy_steps, cfg, profile.models_dir / "policy-base.loss.jsonl",
+                       seed=profile.seed, desc="policy base")
+    _save(model, tokenizer, Path(profile.policy_path))
+    return history
