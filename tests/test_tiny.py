@@ -49,20 +49,23 @@ def test_model_saves_and_loads_through_auto_classes(tokenizer, tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
-def test_demonstrations_train_only_the_assistant_turns(tokenizer, tiny_world, bm25):
+def test_demonstrations_never_train_the_prompt(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     rows = tiny_world["splits"]["train"][:60]
-    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1)
-    assert len(demos) == 60
-    searched = 0
-    for ex in demos:
-        trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
-        context = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if not m])
-        assert "<information>" not in trained and "Doc 1" not in trained
-        assert context.startswith("<|im_start|>user") and "Question:" not in trained
-        assert trained.rstrip().endswith("</answer><|im_end|>")
-        searched += "<search>" in trained
-    assert searched > 40, "most demonstrations search"
+    for train_docs in (False, True):
+        demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+                                    train_docs=train_docs)
+        assert len(demos) == 60
+        searched = 0
+        for ex, row in zip(demos, rows):
+            trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+            context = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if not m])
+            assert context.startswith("<|im_start|>user") and "Question:" not in trained
+            response = tokenizer.decode(ex.ids).split("<|im_start|>assistant\n")[1]
+            assert ("<information>" in trained) == (train_docs and "<information>" in response)
+            assert trained.rstrip().endswith("</answer><|im_end|>")
+            searched += "<search>" in trained
+        assert searched > 40, "most demonstrations search"
 
 
 def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
@@ -74,3 +77,12 @@ def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
     assert len(tiny.read_log(tmp_path / "loss.jsonl")) == 60
     first, last = history[0]["loss"], sum(r["loss"] for r in history[-10:]) / 10
     assert last < 0.6 * first
+
+
+def test_copy_drills_train_only_the_repeat(tokenizer):
+    drills = tiny.copy_drills(tokenizer, 20, seed=3)
+    assert len({tuple(d.ids) for d in drills}) == 20, "fresh names every time"
+    for d in drills:
+        first = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if not m])
+        repeat = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m])
+        assert first == repeat + "\n"

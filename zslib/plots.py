@@ -8,13 +8,17 @@ import matplotlib.pyplot as plt
 
 
 def loss_curves(logs: dict[str, list[dict]], smooth: int = 20):
-    """Pretraining loss per step (moving average over ``smooth`` steps), one line per model."""
+    """Pretraining loss per step (moving average over ``smooth`` steps), one line per model;
+    dotted lines mark where a phase begins."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, rows in logs.items():
         steps = [r["step"] for r in rows]
         loss = [r["loss"] for r in rows]
         avg = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1]) for i in range(len(loss))]
-        ax.plot(steps, avg, label=name)
+        line, = ax.plot(steps, avg, label=name)
+        starts = [r["step"] for prev, r in zip(rows, rows[1:]) if r.get("phase") != prev.get("phase")]
+        for x in starts:  # where a new pretraining phase begins (e.g. after the copy warm-up)
+            ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

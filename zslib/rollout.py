@@ -36,6 +36,7 @@ class HFBackend:
         self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._ends: dict[int, bool] = {}
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature, top_p):
@@ -53,11 +54,26 @@ class HFBackend:
         return [self._trim(row) for row in new]
 
     def _trim(self, row: list[int]) -> list[int]:
-        """Cut at the first EOS (kept) and drop the padding ``generate`` adds to finished rows."""
+        """Cut after the first stop string or EOS: ``generate`` pads rows that finished early.
+
+        The pad token may double as an EOS (Qwen3), so a row is cut where its text first ends in
+        a stop string, before any padding that follows it.
+        """
         for i, t in enumerate(row):
             if t in self.eos_ids:
                 return row[: i + 1]
+            if self._may_end_stop(t):
+                tail = self.tokenizer.decode(row[max(0, i - 15): i + 1])
+                if any(tail.endswith(s) for s in self.stop_strings):
+                    return row[: i + 1]
         return row
+
+    def _may_end_stop(self, token_id: int) -> bool:
+        """Cheap pre-check (cached per token): does this token's text end like a stop string?"""
+        if token_id not in self._ends:
+            text = self.tokenizer.decode([token_id])
+            self._ends[token_id] = any(text and s.endswith(text[-1]) for s in self.stop_strings)
+        return self._ends[token_id]
 
 
 @dataclass

@@ -16,6 +16,8 @@ Both bases are saved with ``save_pretrained`` and loaded back only through the A
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import random
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
-from .world import RELATIONS
+from .world import RELATIONS, Namer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -120,7 +122,8 @@ def segments_to_example(tokenizer, segments: list[tuple[str, bool]]) -> Example:
 
 def simulator_corpus(tokenizer, articles: list[dict], questions: list[dict], engine: SearchEngine,
                      max_len: int, seed: int, doc_blocks: int = 3000, topk: int = 5) -> list[Example]:
-    """All articles (several shuffles) and result blocks in the document format."""
+    """All articles (several shuffles) and result blocks in the document format: the simulator
+    knows every question's answer, like a large LLM knows Wikipedia."""
     rng = random.Random(seed)
     texts = [f"{a['title']}\n{a['text']}" for a in articles]
     picked = rng.sample(questions, min(doc_blocks, len(questions)))
@@ -143,19 +146,23 @@ def _answer_in(docs: list[Doc], answer: str) -> bool:
 
 
 def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: dict,
-                rng: random.Random) -> str | None:
-    """The same relation's object from another retrieved document: a plausible misreading."""
-    options = [entities_by_name[d.title]["facts"][relation] for d in docs
+                rng: random.Random) -> tuple[str, str] | None:
+    """(subject, object) of the same relation in another retrieved document: a plausible misreading."""
+    options = [(d.title, entities_by_name[d.title]["facts"][relation]) for d in docs
                if relation in entities_by_name.get(d.title, {}).get("facts", {})]
-    options = [o for o in options if o != answer]
+    options = [o for o in options if o[1] != answer]
     return rng.choice(options) if options else None
 
 
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
-                   known: set[str], topk: int, seed: int, per_question: int) -> list[Example]:
+                   known: set[str], topk: int, seed: int, per_question: int,
+                   train_docs: bool = True) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
-    Only the assistant's own turns carry loss; the prompt and <information> blocks are context.
+    The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
+    <information> blocks carry loss too: articles repeat their subject's name, so predicting
+    them is copying practice, the skill the policy needs most (it must copy unseen names from
+    the question into its query and from the documents into its answer).
     """
     rng = random.Random(seed)
     plans = []
@@ -179,6 +186,7 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
     out = []
     for (q, style), query, docs in zip(plans, first_queries, first_results):
         answer, subject = q["golden_answers"][0], q["subject"]
+        relations = q["relation"].split("/")
         prompt = render_policy_prompt(tokenizer, q["question"])
         segs: list[tuple[str, bool]] = [(prompt, False)]
         if style == "no_search":
@@ -187,31 +195,39 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
             out.append(segments_to_example(tokenizer, segs))
             continue
         segs.append(("<think> I need to search for this. </think>\n<search> " + query + " </search>", True))
-        segs.append((information_block(docs), False))
+        segs.append((information_block(docs), train_docs))
         if q["hops"] == 2:
-            bridge = entities_by_name[subject]["facts"][q["relation"].split("/")[0]]
+            bridge = entities_by_name[subject]["facts"][relations[0]]
             if bridge in " ".join(d.text for d in docs):
-                r2 = q["relation"].split("/")[1]
-                q2 = _SECOND_HOP[r2].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {_KEYWORDS[r2]}"
+                q2 = _SECOND_HOP[relations[1]].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {_KEYWORDS[relations[1]]}"
                 docs = engine.search([q2], topk)[0]
-                segs.append((f"<think> I found {bridge}. Now I need to search for {bridge}. </think>\n"
+                segs.append((f"<think> {_evidence(subject, relations[0], bridge)} Now I need to search for {bridge}. </think>\n"
                              f"<search> {q2} </search>", True))
-                segs.append((information_block(docs), False))
+                segs.append((information_block(docs), train_docs))
+            subject = bridge  # the answer is a fact of the bridge entity
         if not _answer_in(docs, answer) and rng.random() < 0.7:
             retry = q["question"] if query != q["question"] else subject
             docs = engine.search([retry], topk)[0]
             segs.append((f"<think> The answer is not here. I will search again. </think>\n<search> {retry} </search>", True))
-            segs.append((information_block(docs), False))
+            segs.append((information_block(docs), train_docs))
         if _answer_in(docs, answer):
-            pick = answer
+            # Quote the sentence that answers, then the answer: each step is a short copy.
+            said, pick = subject, answer
             if style == "wrong_pick" and q["hops"] == 1:
-                pick = _wrong_pick(docs, q["relation"], answer, entities_by_name, rng) or answer
-            segs.append((f"<think> The documents give the answer. </think>\n<answer> {pick} </answer>{EOS}", True))
+                misread = _wrong_pick(docs, relations[-1], answer, entities_by_name, rng)
+                if misread:
+                    said, pick = misread
+            segs.append((f"<think> {_evidence(said, relations[-1], pick)} </think>\n<answer> {pick} </answer>{EOS}", True))
         else:
             guess = _random_same_type(answer, entities_by_name, rng)
             segs.append((f"<think> I could not find it, so I will guess. </think>\n<answer> {guess} </answer>{EOS}", True))
         out.append(segments_to_example(tokenizer, segs))
     return out
+
+
+def _evidence(subject: str, relation: str, obj: str) -> str:
+    """The article sentence stating the fact, as the policy quotes it in <think>."""
+    return RELATIONS[relation][3].format(s=subject, o=obj)
 
 
 def _random_same_type(answer: str, entities_by_name: dict, rng: random.Random) -> str:
@@ -220,6 +236,27 @@ def _random_same_type(answer: str, entities_by_name: dict, rng: random.Random) -
     kind = entities_by_name[answer]["type"] if answer in entities_by_name else None
     pool = [n for n, e in entities_by_name.items() if e["type"] == kind] or list(entities_by_name)
     return rng.choice(pool)
+
+
+def copy_drills(tokenizer, n: int, seed: int) -> list[Example]:
+    """Lists of freshly invented names, then the same list again; only the repeat carries loss.
+
+    Predicting the repeat is pure copying (the names are new each time, so nothing can be
+    recalled). A short warm-up on these grows the attention circuit (induction heads) that the
+    policy needs to copy unseen names into its queries and answers; demonstrations alone grow
+    it too slowly for a CPU budget (a probe: 25% of test queries copied after 500 steps).
+    """
+    rng = random.Random(seed)
+    namer = Namer(rng)
+    drills = []
+    for _ in range(n):
+        names = [namer.word(2, 2) + (" " + namer.word(2, 2) if rng.random() < 0.5 else "")
+                 for _ in range(rng.randint(2, 5))]
+        listing = ", ".join(names)
+        first = tokenizer(listing + "\n", add_special_tokens=False)["input_ids"]
+        repeat = tokenizer(listing, add_special_tokens=False)["input_ids"]
+        drills.append(Example(first + repeat, [0] * len(first) + [1] * len(repeat)))
+    return drills
 
 
 # ---------------------------------------------------------------- pretraining loop
@@ -255,8 +292,13 @@ def _collate(batch: list[Example], pad_id: int) -> dict:
 
 
 def pretrain(model, examples: list[Example], steps: int, cfg, log_path: str | Path, seed: int,
-             desc: str = "pretrain") -> list[dict]:
-    """AdamW with warm-up and cosine decay; one JSON line per step in ``log_path``."""
+             desc: str = "pretrain", phase: str | None = None, after: list[dict] | None = None) -> list[dict]:
+    """AdamW with warm-up and cosine decay; one JSON line per step in ``log_path``.
+
+    A later phase passes the earlier phase's log rows as ``after``: its steps, tokens and
+    seconds continue from there and its rows are appended to the same log.
+    """
+    last = after[-1] if after else {"step": 0, "tokens": 0, "seconds": 0.0}
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad_id = model.config.pad_token_id
@@ -274,7 +316,7 @@ def pretrain(model, examples: list[Example], steps: int, cfg, log_path: str | Pa
     log_path.parent.mkdir(parents=True, exist_ok=True)
     queue: list[list[Example]] = []
     history, seen_tokens, start = [], 0, time.time()
-    with open(log_path, "w") as log, tqdm(total=steps, desc=desc) as bar:
+    with open(log_path, "a" if after else "w") as log, tqdm(total=steps, desc=desc) as bar:
         for step in range(steps):
             if not queue:
                 queue = _batches(examples, cfg.batch_tokens, rng)
@@ -287,8 +329,11 @@ def pretrain(model, examples: list[Example], steps: int, cfg, log_path: str | Pa
             sched.step()
             opt.zero_grad(set_to_none=True)
             seen_tokens += int(batch["attention_mask"].sum())
-            row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
-                   "tokens": seen_tokens, "seconds": round(time.time() - start, 2)}
+            row = {"step": last["step"] + step + 1, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0],
+                   "tokens": last["tokens"] + seen_tokens,
+                   "seconds": round(last["seconds"] + time.time() - start, 2)}
+            if phase:
+                row["phase"] = phase
             history.append(row)
             log.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -322,15 +367,11 @@ def _save(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def build_simulator_base(profile, tokenizer, engine, articles: list[dict], questions: list[dict]) -> list[dict]:
-    """Pretrain the simulator base on the whole encyclopedia; returns the loss log."""
-    cfg = profile.tiny
-    examples = simulator_corpus(tokenizer, articles, questions, engine, max_len=256, seed=profile.seed)
-    model = build_model(tokenizer, cfg, seed=profile.seed)
-    history = pretrain(model, examples, cfg.simulator_steps, cfg, profile.models_dir / "simulator-base.loss.jsonl",
-                       seed=profile.seed, desc="simulator base")
-    _save(model, tokenizer, Path(profile.simulator_path))
-    return history
+def copy_warmup(model, tokenizer, cfg, log_path, seed: int) -> list[dict]:
+    """Phase 1, shared by both bases: copy drills in small batches (steps matter more than tokens)."""
+    warm = dataclasses.replace(cfg, batch_tokens=cfg.copy_warmup_batch_tokens)
+    return pretrain(model, copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed), cfg.copy_warmup_steps,
+                    warm, log_path, seed=seed, desc="copy warm-up", phase="copy warm-up")
 
 
 def known_subjects(train_rows: list[dict], fraction: float, seed: int) -> set[str]:
@@ -339,18 +380,42 @@ def known_subjects(train_rows: list[dict], fraction: float, seed: int) -> set[st
     return set(random.Random(seed).sample(subjects, int(len(subjects) * fraction)))
 
 
-def build_policy_base(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
-                      train_rows: list[dict]) -> list[dict]:
-    """Pretrain the policy base on known articles plus scripted demonstrations."""
+def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
+                    train_rows: list[dict]) -> list[Example]:
+    """Known train-split articles, scripted demonstrations, and copy drills to keep that skill."""
     cfg = profile.tiny
     known = known_subjects(train_rows, cfg.known_fraction, profile.seed)
     by_name = {e["name"]: e for e in entities}
     known_texts = [f"{a['title']}\n{a['text']}" for a in articles if a["title"] in known]
     examples = pack_texts(tokenizer, known_texts * 2, max_len=256, seed=profile.seed)
     examples += scripted_demos(tokenizer, train_rows, engine, by_name, known, profile.search.topk,
-                               seed=profile.seed, per_question=cfg.demos_per_question)
-    model = build_model(tokenizer, cfg, seed=profile.seed + 1)
-    history = pretrain(model, examples, cfg.policy_steps, cfg, profile.models_dir / "policy-base.loss.jsonl",
-                       seed=profile.seed, desc="policy base")
-    _save(model, tokenizer, Path(profile.policy_path))
-    return history
+                               seed=profile.seed, per_question=cfg.demos_per_question,
+                               train_docs=cfg.demo_loss_on_information)
+    return examples + copy_drills(tokenizer, cfg.copy_drills, seed=profile.seed + 8)
+
+
+def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
+                splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Both tiny bases: one shared copy warm-up, then each its own corpus; saved for the Auto classes.
+
+    Returns the loss log of each (``outputs/<profile>/models/<base>.loss.jsonl``).
+    """
+    cfg = profile.tiny
+    warm = build_model(tokenizer, cfg, seed=profile.seed)
+    warm_log = copy_warmup(warm, tokenizer, cfg, profile.models_dir / "copy-warmup.loss.jsonl", profile.seed)
+    bases = {
+        "simulator-base": (Path(profile.simulator_path), cfg.simulator_steps,
+                           simulator_corpus(tokenizer, articles, splits["train"] + splits["dev"] + splits["test"],
+                                            engine, max_len=256, seed=profile.seed)),
+        "policy-base": (Path(profile.policy_path), cfg.policy_steps,
+                        policy_examples(profile, tokenizer, engine, articles, entities, splits["train"])),
+    }
+    logs = {}
+    for name, (out_dir, steps, examples) in bases.items():
+        model = copy.deepcopy(warm) if name == "simulator-base" else warm
+        log = profile.models_dir / f"{name}.loss.jsonl"
+        log.write_text("".join(json.dumps(r) + "\n" for r in warm_log))
+        logs[name] = warm_log + pretrain(model, examples, steps, cfg, log, seed=profile.seed, desc=name,
+                                         phase="main", after=warm_log)
+        _save(model, tokenizer, out_dir)
+    return logs

@@ -80,7 +80,7 @@ TWO_HOP = {
 }
 
 
-class _Namer:
+class Namer:
     """Invents unique capitalised names from syllables."""
 
     def __init__(self, rng: random.Random):
@@ -108,7 +108,7 @@ class _Namer:
 def build_world(cfg: WorldConfig) -> dict:
     """Entities with attributes and relations; returns {"entities": [...]} sorted by id."""
     rng = random.Random(cfg.seed)
-    namer = _Namer(rng)
+    namer = Namer(rng)
     ents: list[dict] = []
     counts: dict[str, int] = {}
 
@@ -120,7 +120,7 @@ def build_world(cfg: WorldConfig) -> dict:
 
     countries = [add("country", namer.word(2, 3, rng.choice(["ia", "and", "or", "esh", ""])))
                  for _ in range(cfg.n_countries)]
-    cities = [add("city", namer.word(2, 3)) for _ in range(cfg.n_cities)]
+    cities = [add("city", namer.word(2, 2)) for _ in range(cfg.n_cities)]
     for c in cities:
         c["facts"]["located_in"] = rng.choice(countries)["name"]
     # Every country gets a capital among its own cities when it has one.
@@ -130,11 +130,11 @@ def build_world(cfg: WorldConfig) -> dict:
             own = [rng.choice(cities)]
             own[0]["facts"]["located_in"] = country["name"]
         country["facts"]["capital"] = rng.choice(own)["name"]
-    universities = [add("university", namer.unique(lambda: f"{namer.word(2, 3)} {rng.choice(['University', 'College', 'Institute'])}"))
+    universities = [add("university", namer.unique(lambda: f"{namer.word(2, 2)} {rng.choice(['University', 'College', 'Institute'])}"))
                     for _ in range(cfg.n_universities)]
     for u in universities:
         u["facts"]["university_city"] = rng.choice(cities)["name"]
-    people = [add("person", namer.unique(lambda: f"{namer.word(2, 2)} {namer.word(2, 3)}"))
+    people = [add("person", namer.unique(lambda: f"{namer.word(2, 2)} {namer.word(2, 2)}"))
               for _ in range(cfg.n_people)]
     for p in people:
         p["facts"]["born_in"] = rng.choice(cities)["name"]
@@ -151,7 +151,7 @@ def build_world(cfg: WorldConfig) -> dict:
     for f in films:
         f["facts"]["director"] = rng.choice(people)["name"]
         f["genre"] = rng.choice(_GENRES)
-    companies = [add("company", namer.unique(lambda: f"{namer.word(2, 3)} {rng.choice(['Industries', 'Works', 'Group', 'Company'])}"))
+    companies = [add("company", namer.unique(lambda: f"{namer.word(2, 2)} {rng.choice(['Industries', 'Works', 'Group', 'Company'])}"))
                  for _ in range(cfg.n_companies)]
     for c in companies:
         c["facts"]["founder"] = rng.choice(people)["name"]
