@@ -4,7 +4,7 @@ Runs the notebook headless through papermill with ``rebuild=True`` into a separa
 folder (``outputs/bench-<profile>/``) so the demo's outputs are untouched.
 Targets (issue 2): at most 12 minutes on 2 cores for both tiny bases, peak memory under 4 GB.
 
-    .venv/bin/python benchmarks/prepare.py [--profile tiny]
+    .venv/bin/python benchmarks/prepare.py [--profile tiny] [--overrides JSON]
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--kernel", default="zerosearch")
+    ap.add_argument("--overrides", default="{}", help='JSON, e.g. \'{"tiny.policy_steps": 50}\' for a smoke run')
     args = ap.parse_args()
     name = f"bench-{args.profile}"
     out_dir = ROOT / "outputs" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "00_prepare.ipynb"
-    params = json.dumps({"profile": args.profile, "overrides": {"name": name}, "rebuild": True})
+    overrides = {**json.loads(args.overrides), "name": name}
+    params = json.dumps({"profile": args.profile, "overrides": overrides, "rebuild": True})
     start = time.time()
     subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "00_prepare.ipynb"), str(executed),
                     "-k", args.kernel, "-y", params, "--cwd", str(ROOT / "notebooks")], check=True)

@@ -63,12 +63,12 @@ class TinyConfig:
     max_positions: int = 1024
     known_fraction: float = 0.3      # share of train-split articles the policy reads in pretraining
     demos_per_question: int = 1      # scripted demonstrations per train question
-    demo_loss_on_information: bool = True  # documents in demonstrations carry loss (copying practice)
+    demo_loss_on_information: bool = False  # True: documents in demonstrations carry loss too
     copy_warmup_steps: int = 800     # phase 1 of both bases: copy drills (see tiny.copy_drills)
     copy_warmup_batch_tokens: int = 1024
     copy_drills: int = 4000          # drills mixed into the policy's main phase too
-    policy_steps: int = 900
-    simulator_steps: int = 500
+    policy_steps: int = 500
+    simulator_steps: int = 350
     batch_tokens: int = 4096         # tokens per optimizer step (padded)
     lr: float = 2e-3
     warmup_steps: int = 30
