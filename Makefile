@@ -14,7 +14,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m ipykernel install --user --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
 	touch $(STAMP)
 
 install: $(STAMP)

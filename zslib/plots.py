@@ -33,9 +33,9 @@ def question_stats(splits: dict[str, list[dict]]):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     kinds = sorted({r["relation"] if r["hops"] == 1 else "2-hop" for rows in splits.values() for r in rows})
     bottom = [0] * len(splits)
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         counts = [Counter(r["relation"] if r["hops"] == 1 else "2-hop" for r in rows)[kind] for rows in splits.values()]
-        ax.bar(list(splits), counts, bottom=bottom, label=kind)
+        ax.bar(list(splits), counts, bottom=bottom, label=kind, color=plt.cm.tab20(i % 20))
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_ylabel("questions")
     ax.legend(fontsize=7, ncol=2, loc="upper right")
