@@ -67,7 +67,7 @@ class TinyConfig:
     copy_warmup_steps: int = 800     # phase 1 of both bases: copy drills (see tiny.copy_drills)
     copy_warmup_batch_tokens: int = 1024
     copy_drills: int = 4000          # drills mixed into the policy's main phase too
-    policy_steps: int = 500
+    policy_steps: int = 900
     simulator_steps: int = 350
     batch_tokens: int = 4096         # tokens per optimizer step (padded)
     lr: float = 2e-3
