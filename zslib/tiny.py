@@ -156,7 +156,7 @@ def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: d
 
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
                    known: set[str], topk: int, seed: int, per_question: int,
-                   train_docs: bool = True) -> list[Example]:
+                   train_docs: bool = False) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
     The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
@@ -347,7 +347,7 @@ def read_log(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# ---------------------------------------------------------------- the three builds of notebook 00
+# ---------------------------------------------------------------- what notebook 00 builds
 
 def tokenizer_texts(articles: list[dict], questions: list[dict]) -> list[str]:
     """Articles, questions and protocol text, with the fixed protocol phrases repeated so their
