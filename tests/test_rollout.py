@@ -1,7 +1,7 @@
 from zslib.config import RolloutConfig
-from zslib.prompts import INVALID_ACTION
-from zslib.rollout import parse_action, rollout
-from zslib.search import Doc
+from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
+from zslib.rollout import STOP_STRINGS, HFBackend, engine_search_fn, parse_action, rollout
+from zslib.search import Doc, format_docs
 
 
 class ScriptedBackend:
@@ -28,7 +28,7 @@ def test_rollout_masks_everything_the_policy_did_not_write(tokenizer):
     docs = {"alpha": [Doc("Alpha", "Alpha is Beta.")]}
     trajs = rollout(backend, tokenizer, [{"question": "qa", "golden_answers": ["Beta"]},
                                          {"question": "qb", "golden_answers": ["y"]}],
-                    lambda qs, ts: [docs[q] for q in qs], RolloutConfig(max_turns=3))
+                    lambda qs, ts: ([docs[q] for q in qs], [None] * len(qs)), RolloutConfig(max_turns=3))
     a, b = trajs
     assert backend.calls == [2, 2], "both rows are generated together each turn"
     assert a.answer == "Beta" and a.first_action == "search" and a.calls[0]["query"] == "alpha"
@@ -47,7 +47,7 @@ def test_rollout_masks_everything_the_policy_did_not_write(tokenizer):
 def test_after_max_turns_only_an_answer_counts(tokenizer):
     backend = ScriptedBackend(tokenizer, [("qa", ["<search> a </search>", "<search> b </search>"])])
     trajs = rollout(backend, tokenizer, [{"question": "qa", "golden_answers": ["z"]}],
-                    lambda qs, ts: [[Doc("T", "t")] for _ in qs], RolloutConfig(max_turns=1))
+                    lambda qs, ts: ([[Doc("T", "t")] for _ in qs], [None] * len(qs)), RolloutConfig(max_turns=1))
     assert len(trajs[0].calls) == 1 and trajs[0].answer is None and trajs[0].done
 
 
@@ -55,3 +55,56 @@ def test_parse_action_takes_the_first_complete_block():
     assert parse_action("x <search> q1 </search> <answer> a </answer>") == ("search", "q1")
     assert parse_action("<answer>a</answer><search>q</search>") == ("answer", "a")
     assert parse_action("<search> unfinished") is None
+
+
+def _expected_context(t, tokenizer, cfg):
+    """What the loop should have inserted, rebuilt from the turns and calls on their own."""
+    parts, calls = [], iter(t.calls)
+    for i, turn in enumerate(t.turns):
+        action = parse_action(turn)
+        if action and action[0] == "search" and i < cfg.max_turns:
+            call = next(calls)
+            obs = tokenizer(format_docs([Doc(*d) for d in call["docs"]]), add_special_tokens=False)["input_ids"]
+            parts.append(information_block(tokenizer.decode(obs[: cfg.max_obs_tokens])))
+        elif not action and i < cfg.max_turns:
+            parts.append(INVALID_ACTION)
+    return "".join(parts)
+
+
+def test_real_rollouts_mask_exactly_prompt_information_and_invalid_text(protocol_model, tokenizer, bm25):
+    model, rows = protocol_model
+    cfg = RolloutConfig(max_turns=2, max_tokens_per_turn=48, max_obs_tokens=60)
+    trajs = rollout(HFBackend(model, tokenizer), tokenizer, rows, engine_search_fn(bm25, 3), cfg, temperature=0.0)
+    assert sum(len(t.calls) for t in trajs) >= 8 and sum(t.answer is not None for t in trajs) >= 8
+    for t in trajs:
+        assert len(t.loss_mask) == len(t.token_ids) and t.loss_mask[: t.prompt_len] == [0] * t.prompt_len
+        assert tokenizer.decode(t.token_ids[: t.prompt_len]) == render_policy_prompt(tokenizer, t.question)
+        response, mask = t.token_ids[t.prompt_len:], t.loss_mask[t.prompt_len:]
+        context = tokenizer.decode([i for i, m in zip(response, mask) if not m])
+        assert context == _expected_context(t, tokenizer, cfg)
+        generated = tokenizer.decode([i for i, m in zip(response, mask) if m], skip_special_tokens=True)
+        assert generated == "".join(t.turns)
+
+
+def test_generation_stops_at_the_first_stop_string(protocol_model, tokenizer, bm25):
+    model, rows = protocol_model
+    trajs = rollout(HFBackend(model, tokenizer), tokenizer, rows, engine_search_fn(bm25, 3),
+                    RolloutConfig(max_turns=2, max_tokens_per_turn=200), temperature=0.0)
+    stopped = 0
+    for t in trajs:
+        for turn in t.turns:
+            ends = [turn.find(s) + len(s) for s in STOP_STRINGS if s in turn]
+            if ends:
+                assert len(turn) == min(ends), f"text after the stop string: {turn!r}"
+                stopped += 1
+    assert stopped >= 16
+
+
+def test_batched_rollout_equals_per_row_rollout_under_greedy(protocol_model, tokenizer, bm25):
+    model, rows = protocol_model
+    backend, fn, cfg = HFBackend(model, tokenizer), engine_search_fn(bm25, 3), RolloutConfig(max_turns=2)
+    batched = rollout(backend, tokenizer, rows, fn, cfg, temperature=0.0)
+    for row, t in zip(rows, batched):
+        alone = rollout(backend, tokenizer, [row], fn, cfg, temperature=0.0)[0]
+        assert alone.token_ids == t.token_ids and alone.loss_mask == t.loss_mask
+        assert alone.calls == t.calls and alone.answer == t.answer

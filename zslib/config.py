@@ -87,6 +87,54 @@ class RolloutConfig:
 
 
 @dataclass
+class CollectConfig:
+    """Step 1: the collector runs the protocol against the real engine (DESIGN §4)."""
+    model: str | None = None      # None: the policy base (tiny) / models.policy; else a hub id or path
+    split: str = "train"
+    n_questions: int = 1500
+    temperature: float = 1.0      # sampled, so the same question yields both right and wrong runs
+    samples_per_question: int = 1
+
+
+@dataclass
+class LabelingConfig:
+    """Step 2: trajectories -> useful/noisy (query, documents) pairs -> simulator SFT set."""
+    metric: str = "f1"            # f1 | em: a trajectory is correct when metric >= threshold
+    threshold: float = 0.5
+    judge: str = "none"           # none (v1) | contains (answer string in the documents) | llm (v2)
+    judge_model: str | None = None
+    balance: bool = True          # as many useful as noisy pairs
+    paired: bool = True           # add each query's other label from the real engine (DESIGN §10)
+    invented: int = 0             # extra paired examples about invented entities (tiny profile)
+    max_pairs: int = 20000
+
+
+@dataclass
+class SimulatorConfig:
+    """Step 3: the simulator's prompt, fine-tuning and decoding (DESIGN §3)."""
+    prompt: str = "finetuned"     # finetuned | prompt_only
+    topk: int = 5                 # documents per simulated search
+    words_per_doc: int = 30
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_p: float = 1.0
+    lora: bool = True             # False: full fine-tune (cheap for tiny models)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"])
+    train_lm_head: bool = False   # with LoRA: also train the output layer (tied to embeddings)
+    lr: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1           # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    eval_triples: int = 200       # held-out (question, answer, query) triples for notebook 03
+    batch_calls: int = 32         # simulated searches per generate call
+
+
+@dataclass
 class Profile:
     name: str = "tiny"
     seed: int = 0
@@ -96,6 +144,9 @@ class Profile:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
 
     @property
     def is_tiny(self) -> bool:
@@ -121,6 +172,19 @@ class Profile:
     @property
     def simulator_path(self) -> str:
         return str(self.models_dir / "simulator-base") if self.models.simulator == "tiny" else self.models.simulator
+
+    @property
+    def trajectories_path(self) -> Path:
+        return self.out / "trajectories.jsonl"
+
+    @property
+    def sft_path(self) -> Path:
+        return self.out / "sim_sft.jsonl"
+
+    @property
+    def simulator_dir(self) -> Path:
+        """The fine-tuned simulator (LoRA adapter or full weights) and its evaluation."""
+        return self.out / "simulator"
 
     @property
     def corpus_path(self) -> Path:

@@ -78,6 +78,18 @@ def _local_file(path: Path, split: str) -> Path:
     return path
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows atomically (a temporary file, then a rename): a reader never sees half a file,
+    and an interrupted write leaves the old file whole. Keys are sorted, so output is stable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
 def load_qa(name: str, split: str, path: str | Path | None = None) -> datasets.Dataset:
     """One QA split as a ``datasets.Dataset`` in the unified schema."""
     if path is None and name == "tiny":
@@ -109,3 +121,15 @@ def load_for_profile(profile, name: str, split: str) -> datasets.Dataset:
         return load_qa("tiny", split, profile.data_dir)
     local = Path(profile.data.local_dir) / name if profile.data.local_dir else None
     return load_qa(name, split, local)
+
+
+def sample_questions(profile, names: list[str], split: str, n: int, seed: int) -> list[dict]:
+    """Up to ``n`` questions drawn at random from the named sets' ``split`` (ids made
+    unique as ``<set>/<id>``). The same seed draws the same questions in the same order."""
+    import random
+
+    rows = []
+    for name in names:
+        rows += [{**r, "id": f"{name}/{r['id']}"} for r in load_for_profile(profile, name, split).to_list()]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]

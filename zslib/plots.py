@@ -54,3 +54,32 @@ def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def collection_summary(records: list[dict]):
+    """Trajectories by number of searches, split into right (F1 >= 0.5) and wrong answers."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    most = max((len(r["calls"]) for r in records), default=0)
+    searches = list(range(most + 1))
+    right = [sum(len(r["calls"]) == n and r["f1"] >= 0.5 for r in records) for n in searches]
+    wrong = [sum(len(r["calls"]) == n and r["f1"] < 0.5 for r in records) for n in searches]
+    ax.bar(searches, right, label="right (F1 >= 0.5)", color="tab:green")
+    ax.bar(searches, wrong, bottom=right, label="wrong", color="tab:red")
+    ax.set_xlabel("searches in the trajectory")
+    ax.set_ylabel("trajectories")
+    ax.set_xticks(searches)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def label_stats(stats: dict):
+    """Pairs per source and label, from ``labeling.statistics``."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    items = stats["by_source"]
+    colors = ["tab:green" if key.endswith("/useful") else "tab:red" for key in items]
+    ax.barh(list(items), list(items.values()), color=colors)
+    ax.set_xlabel("pairs")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig

@@ -48,3 +48,58 @@ def render_policy_prompt(tokenizer, question: str, enable_thinking: bool = True)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                              enable_thinking=enable_thinking)
     return messages[0]["content"] + "\n"
+
+
+# ---------------------------------------------------------------- simulator (DESIGN §3)
+
+# Fine-tuned variant. The useful and noisy prompts differ only in the keyword, which appears
+# twice: in the instruction and in the output cue. The gold answer is in the prompt so a useful
+# document can state it and a noisy one can avoid it.
+SIMULATOR_INSTRUCTION = (
+    "You are a search engine. Write {k} {label} documents for the query below, about {words} "
+    "words each, one per line as Doc i(Title: title) text. The query was written while "
+    "answering the question \"{question}\", whose answer is \"{answer}\"."
+)
+
+# Prompt-only variant (no fine-tuning): one demonstration shows the format. The useful prompt
+# asks for documents that help find the answer; the noisy prompt gives neither question nor
+# answer and asks for documents that do not answer the query.
+PROMPT_ONLY_USEFUL = (
+    "You are a search engine. Write {k} documents for the query below, about {words} words "
+    "each, one per line as Doc i(Title: title) text. The documents must help answer the "
+    "question \"{question}\"; its answer is \"{answer}\"."
+)
+PROMPT_ONLY_NOISY = (
+    "You are a search engine. Write {k} documents for the query below, about {words} words "
+    "each, one per line as Doc i(Title: title) text. The documents look related to the query "
+    "but must not answer it."
+)
+PROMPT_ONLY_DEMO = (
+    "Example.\nQuery: tallest mountain in Africa\nOutput:\n"
+    "Doc 1(Title: Kilimanjaro) Kilimanjaro in Tanzania is the tallest mountain in Africa, rising "
+    "5,895 metres above sea level.\n"
+    "Doc 2(Title: Mount Kenya) Mount Kenya is the second highest mountain in Africa.\n"
+)
+
+
+def simulator_user_message(query: str, question: str, answer: str, useful: bool, k: int, words: int,
+                           variant: str = "finetuned") -> str:
+    """The simulator's request for one search call; ``variant`` is finetuned or prompt_only."""
+    label = "useful" if useful else "noisy"
+    if variant == "finetuned":
+        head = SIMULATOR_INSTRUCTION.format(k=k, label=label, words=words, question=question, answer=answer)
+        return f"{head}\nQuery: {query}\n{label.capitalize()} Output:"
+    if variant == "prompt_only":
+        template = PROMPT_ONLY_USEFUL if useful else PROMPT_ONLY_NOISY
+        head = template.format(k=k, words=words, question=question, answer=answer)
+        return f"{head}\n\n{PROMPT_ONLY_DEMO}\nQuery: {query}\nOutput:"
+    raise ValueError(f"unknown simulator prompt variant {variant!r} (finetuned | prompt_only)")
+
+
+def render_simulator_prompt(tokenizer, message: str) -> str:
+    """Chat-formatted with thinking off (Qwen3): the simulator writes documents, not reasoning."""
+    messages = [{"role": "user", "content": message}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=False)
+    return message + "\n"

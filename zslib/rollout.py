@@ -31,8 +31,12 @@ class GenerationBackend(Protocol):
 class HFBackend:
     """transformers ``generate`` with left padding and stop strings."""
 
-    def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS):
+    def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS, stop_in_generate: bool = True):
+        """``stop_in_generate=False`` generates to EOS or the token limit and cuts at the stop string
+        afterwards, as the original code does (kept for ``benchmarks/rollout.py``)."""
         self.model, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
+        self.stop_in_generate = stop_in_generate
+        self.generated_tokens = 0  # tokens the model produced, including any cut off afterwards
         self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -47,22 +51,23 @@ class HFBackend:
             ids[r, width - len(p):] = torch.tensor(p)
             attn[r, width - len(p):] = 1
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        if self.stop_in_generate:
+            sampling.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
         out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                                  max_new_tokens=max_new_tokens, stop_strings=self.stop_strings,
-                                  tokenizer=self.tokenizer, pad_token_id=self.pad_id, top_k=None, **sampling)
+                                  max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, top_k=None, **sampling)
         new = out[:, width:].tolist()
+        self.generated_tokens += sum(len(self._trim(row, at_stop=self.stop_in_generate)) for row in new)
         return [self._trim(row) for row in new]
 
-    def _trim(self, row: list[int]) -> list[int]:
-        """Cut after the first stop string or EOS: ``generate`` pads rows that finished early.
-
-        The pad token may double as an EOS (Qwen3), so a row is cut where its text first ends in
-        a stop string, before any padding that follows it.
+    def _trim(self, row: list[int], at_stop: bool = True) -> list[int]:
+        """Cut after the first stop string (with ``at_stop``) or EOS: ``generate`` pads rows that
+        finished early. The pad token may double as an EOS (Qwen3), so a row is cut where its
+        text first ends in a stop string, before any padding that follows it.
         """
         for i, t in enumerate(row):
             if t in self.eos_ids:
                 return row[: i + 1]
-            if self._may_end_stop(t):
+            if at_stop and self._may_end_stop(t):
                 tail = self.tokenizer.decode(row[max(0, i - 15): i + 1])
                 if any(tail.endswith(s) for s in self.stop_strings):
                     return row[: i + 1]
@@ -105,7 +110,8 @@ def parse_action(text: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).strip()) if m else None
 
 
-SearchFn = Callable[[list[str], list["Trajectory"]], list[list[Doc]]]
+# (queries, the rows asking them) -> (documents per query, noisy flag per query or None)
+SearchFn = Callable[[list[str], list["Trajectory"]], tuple[list[list[Doc]], list[bool | None]]]
 
 
 def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: SearchFn, cfg,
@@ -113,7 +119,8 @@ def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: 
     """Run the protocol on ``rows`` ({"question", "golden_answers"}); ``cfg`` is a RolloutConfig.
 
     ``search_fn(queries, trajectories)`` gets the turn's queries and the rows asking them, so a
-    simulator can see each row's question and gold answer; it returns documents per query.
+    simulator can see each row's question and gold answer; it returns documents per query and
+    whether each call was served noisy documents (None for a real engine).
     """
     temperature = cfg.temperature if temperature is None else temperature
     trajs = []
@@ -159,9 +166,9 @@ def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: 
                 t.invalid_actions += 1
                 t.extend(tokenizer(INVALID_ACTION, add_special_tokens=False)["input_ids"], from_policy=False)
         if searching:
-            results = search_fn([q for _, q in searching], [t for t, _ in searching])
-            for (t, query), docs in zip(searching, results):
-                t.calls.append({"query": query, "docs": [[d.title, d.text] for d in docs], "noisy": None})
+            results, noisy = search_fn([q for _, q in searching], [t for t, _ in searching])
+            for (t, query), docs, flag in zip(searching, results, noisy):
+                t.calls.append({"query": query, "docs": [[d.title, d.text] for d in docs], "noisy": flag})
                 obs = tokenizer(format_docs(docs), add_special_tokens=False)["input_ids"][: cfg.max_obs_tokens]
                 block = information_block(tokenizer.decode(obs))
                 t.extend(tokenizer(block, add_special_tokens=False)["input_ids"], from_policy=False)
@@ -173,4 +180,4 @@ def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: 
 
 def engine_search_fn(engine, topk: int) -> SearchFn:
     """Adapt a plain engine (BM25, web, none) to the rollout's search hook."""
-    return lambda queries, _trajs: engine.search(queries, topk)
+    return lambda queries, _trajs: (engine.search(queries, topk), [None] * len(queries))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
-from .world import RELATIONS, Namer
+from .world import RELATION_KEYWORDS, RELATIONS, Namer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -133,11 +133,6 @@ def simulator_corpus(tokenizer, articles: list[dict], questions: list[dict], eng
     return pack_texts(tokenizer, texts * 3 + blocks, max_len, seed)
 
 
-# Keyword queries a scripted agent writes besides the question itself.
-_KEYWORDS = {"capital": "capital", "located_in": "country", "born_in": "born", "birth_year": "born year",
-             "educated_at": "studied", "author": "written by", "published": "published",
-             "director": "directed by", "founder": "founded by", "headquarters": "headquartered",
-             "university_city": "city"}
 _SECOND_HOP = {r: t for r, (_, _, t, _) in RELATIONS.items()}
 
 
@@ -176,11 +171,11 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
     first_queries = []
     for q, style in plans:
         if style == "poor_query":
-            first_queries.append(_KEYWORDS[q["relation"].split("/")[0]] + " " + rng.choice(["name", "place", "year", "who"]))
+            first_queries.append(RELATION_KEYWORDS[q["relation"].split("/")[0]] + " " + rng.choice(["name", "place", "year", "who"]))
         elif rng.random() < 0.6:
             first_queries.append(q["question"])
         else:
-            first_queries.append(f"{q['subject']} {_KEYWORDS[q['relation'].split('/')[0]]}")
+            first_queries.append(f"{q['subject']} {RELATION_KEYWORDS[q['relation'].split('/')[0]]}")
     first_results = engine.search(first_queries, topk)
 
     out = []
@@ -199,7 +194,7 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
         if q["hops"] == 2:
             bridge = entities_by_name[subject]["facts"][relations[0]]
             if bridge in " ".join(d.text for d in docs):
-                q2 = _SECOND_HOP[relations[1]].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {_KEYWORDS[relations[1]]}"
+                q2 = _SECOND_HOP[relations[1]].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {RELATION_KEYWORDS[relations[1]]}"
                 docs = engine.search([q2], topk)[0]
                 segs.append((f"<think> {_evidence(subject, relations[0], bridge)} Now I need to search for {bridge}. </think>\n"
                              f"<search> {q2} </search>", True))
@@ -261,24 +256,28 @@ def copy_drills(tokenizer, n: int, seed: int) -> list[Example]:
 
 # ---------------------------------------------------------------- pretraining loop
 
-def _batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[Example]]:
-    """Length-sorted batches of about ``batch_tokens`` padded tokens, in random order."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
-    batches, cur = [], []
-    for i in order:
-        longest = max([len(examples[j].ids) for j in cur] + [len(examples[i].ids)])
-        if cur and longest * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+def _batches(examples: list[Example], batch_tokens: int, rng: random.Random,
+             width_multiple: int = 64) -> list[list[Example]]:
+    """Batches of about ``batch_tokens`` padded tokens, in random order.
+
+    Examples are bucketed by length rounded up to ``width_multiple`` and every batch of a bucket
+    is padded to that width, so training sees only a few tensor shapes. (With a new shape at
+    nearly every step, CPU bf16 autocast kept growing memory: 6 GB peak instead of about 1.5.)
+    """
+    buckets: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        buckets.setdefault(-(-len(e.ids) // width_multiple) * width_multiple, []).append(i)
+    batches = []
+    for width, members in sorted(buckets.items()):
+        rng.shuffle(members)
+        rows = max(1, batch_tokens // width)
+        batches += [(width, members[k:k + rows]) for k in range(0, len(members), rows)]
     rng.shuffle(batches)
-    return [[examples[i] for i in b] for b in batches]
+    return [(width, [examples[i] for i in b]) for width, b in batches]
 
 
-def _collate(batch: list[Example], pad_id: int) -> dict:
-    width = max(len(e.ids) for e in batch)
+def _collate(batch: list[Example], pad_id: int, width: int | None = None) -> dict:
+    width = width or max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -314,13 +313,14 @@ def pretrain(model, examples: list[Example], steps: int, cfg, log_path: str | Pa
     model.train()
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    queue: list[list[Example]] = []
+    queue: list[tuple[int, list[Example]]] = []
     history, seen_tokens, start = [], 0, time.time()
     with open(log_path, "a" if after else "w") as log, tqdm(total=steps, desc=desc) as bar:
         for step in range(steps):
             if not queue:
                 queue = _batches(examples, cfg.batch_tokens, rng)
-            batch = _collate(queue.pop(), pad_id)
+            width, members = queue.pop()
+            batch = _collate(members, pad_id, width)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
                 loss = model(**batch).loss
             loss.backward()

@@ -12,6 +12,7 @@ Same seed -> byte-identical files (sorted keys, fixed iteration order, no set or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ RELATIONS = {
     "headquarters":   ("company", "city",       "Where is {s} headquartered?",           "{s} is headquartered in {o}."),
     "university_city": ("university", "city",   "In which city is {s}?",                 "{s} is a university in the city of {o}."),
 }
+
+# The keyword a terse query adds to a subject's name ("Zorbak Melu born"): the scripted
+# demonstrations write such queries, so the simulator's training and test queries do too.
+RELATION_KEYWORDS = {"capital": "capital", "located_in": "country", "born_in": "born", "birth_year": "born year",
+                     "educated_at": "studied", "author": "written by", "published": "published",
+                     "director": "directed by", "founder": "founded by", "headquarters": "headquartered",
+                     "university_city": "city"}
 
 # 2-hop chains: first relation maps the subject to a bridge entity, the second to the answer.
 TWO_HOP = {
@@ -209,33 +217,38 @@ def make_questions(world: dict, cfg: WorldConfig) -> dict[str, list[dict]]:
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
-
 def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     """Build the world and write entities, corpus and question splits as JSONL."""
+    from .data import write_jsonl  # here, not at the top: data -> config -> world
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
     questions = make_questions(world, cfg)
     paths = {"entities": out_dir / "entities.jsonl", "corpus": out_dir / "corpus.jsonl"}
-    _write_jsonl(paths["entities"], world["entities"])
+    write_jsonl(paths["entities"], world["entities"])
     # Search-R1's corpus form: {"id", "contents": '"Title"\ntext'}, plus plain title/text.
     corpus = []
     for e in world["entities"]:
         a = article(e)
         corpus.append({"id": a["id"], "title": a["title"], "text": a["text"],
                        "contents": f"\"{a['title']}\"\n{a['text']}"})
-    _write_jsonl(paths["corpus"], corpus)
+    write_jsonl(paths["corpus"], corpus)
     for split in SPLITS:
         paths[split] = out_dir / f"{split}.jsonl"
-        _write_jsonl(paths[split], questions[split])
+        write_jsonl(paths[split], questions[split])
     return paths
+
+
+def invented_world(cfg: WorldConfig, seed: int, taken: set[str]) -> tuple[list[dict], dict[str, dict]]:
+    """1-hop questions and articles from an independent world whose subjects' names are not in
+    ``taken``: facts no model has seen, so a simulator asked about them can only copy the answer
+    from its prompt (DESIGN §10)."""
+    other = build_world(dataclasses.replace(cfg, seed=seed))
+    articles = {e["name"]: article(e) for e in other["entities"] if e["name"] not in taken}
+    questions = [q for rows in make_questions(other, cfg).values() for q in rows
+                 if q["hops"] == 1 and q["subject"] in articles]
+    return questions, articles
 
 
 def load_entities(path: str | Path) -> list[dict]:

@@ -1,0 +1,109 @@
+from zslib import labeling, world
+from zslib.simulator import parse_docs
+
+
+def traj(tid, answer, gold, calls):
+    return {"id": tid, "question": f"question {tid}?", "golden_answers": gold, "answer": answer,
+            "calls": [{"query": q, "docs": docs, "noisy": None} for q, docs in calls]}
+
+
+DOCS_WITH = [["Xo Ba", "Xo Ba was born in Tavin."]]
+DOCS_WITHOUT = [["Quo Li", "Quo Li was born in Mern."]]
+
+
+def test_v1_labels_follow_the_trajectory_outcome():
+    records = [traj("a", "Tavin", ["Tavin"], [("q1", DOCS_WITHOUT), ("q2", DOCS_WITH)]),
+               traj("b", "Mern", ["Tavin"], [("q3", DOCS_WITH)]),
+               traj("c", None, ["Tavin"], [("q4", DOCS_WITH)]),
+               traj("d", "the city of Tavin", ["Tavin"], [("q5", DOCS_WITH)]),  # F1 = 2·(1/3)·1 / (1/3 + 1) = 0.5
+               traj("e", "Tavin", ["Tavin"], [])]                                 # answered without searching
+    pairs = labeling.label_trajectories(records, metric="f1", threshold=0.5)
+    assert [(p["query"], p["useful"]) for p in pairs] == [("q1", True), ("q2", True), ("q3", False),
+                                                           ("q4", False), ("q5", True)]
+    em_pairs = labeling.label_trajectories(records, metric="em", threshold=1.0)
+    assert [p["useful"] for p in em_pairs] == [True, True, False, False, False]
+
+
+def test_contains_judge_overrides_v1_and_keeps_the_old_label():
+    records = [traj("a", "Tavin", ["Tavin"], [("q1", DOCS_WITHOUT), ("q2", DOCS_WITH)]),
+               traj("b", "Mern", ["Tavin"], [("q3", DOCS_WITH)])]
+    pairs = labeling.label_trajectories(records)
+    judged = labeling.apply_judge(pairs, labeling.judge_contains(pairs))
+    assert [(p["useful"], p["v1_useful"]) for p in judged] == [(False, True), (True, True), (True, False)]
+
+
+def test_deduplicate_and_balance():
+    p = lambda q, useful: {"question": "Q?", "query": q, "useful": useful, "docs": [], "golden_answers": ["a"],
+                           "source": "trajectory"}
+    pairs = [p("Xo  Ba", True), p("xo ba", True), p("xo ba", False), p("other", True), p("third", True)]
+    unique = labeling.deduplicate(pairs)
+    assert [(x["query"], x["useful"]) for x in unique] == [("Xo  Ba", True), ("xo ba", False), ("other", True),
+                                                            ("third", True)]
+    balanced = labeling.balance(unique, seed=0)
+    assert sum(x["useful"] for x in balanced) == sum(not x["useful"] for x in balanced) == 1
+
+
+def test_counterparts_from_the_real_engine_hold_or_lack_the_answer(bm25, tiny_world):
+    rows = [r for r in tiny_world["splits"]["train"] if r["hops"] == 1][:40]
+    pairs = [{"question": r["question"], "golden_answers": r["golden_answers"], "query": r["question"],
+              "docs": [], "useful": i % 2 == 0, "source": "trajectory"} for i, r in enumerate(rows)]
+    added = labeling.add_counterparts(pairs, bm25, k=3)[len(pairs):]
+    assert len(added) >= 35
+    for p in added:
+        original = next(x for x in pairs if x["question"] == p["question"])
+        assert p["useful"] != original["useful"] and 1 <= len(p["docs"]) <= 3  # BM25 may match fewer
+        holds = any(p["golden_answers"][0] in text for _, text in p["docs"])
+        assert holds == p["useful"]
+        if p["useful"]:
+            assert p["golden_answers"][0] in p["docs"][0][1], "the answer-bearing document comes first"
+
+
+def test_invented_pairs_are_about_unseen_entities(bm25, tiny_world):
+    taken = {e["name"] for e in tiny_world["entities"]}
+    questions, articles = world.invented_world(world.WorldConfig(), seed=99, taken=taken)
+    assert questions and not {q["subject"] for q in questions} & taken
+    pairs = labeling.invented_pairs(questions, articles, bm25, n=30, k=3, seed=0)
+    useful = [p for p in pairs if p["useful"]]
+    assert len(useful) == 30 and len(pairs) > 50
+    for p in pairs:
+        holds = any(p["golden_answers"][0] in text for _, text in p["docs"])
+        assert holds == p["useful"]
+    subject_of = {q["question"]: q["subject"] for q in questions}
+    assert all(p["docs"][0][0] == subject_of[p["question"]] for p in useful), "useful docs open with the article"
+
+
+def test_sft_rows_carry_the_keyword_and_parse_back(tokenizer):
+    pairs = [{"question": "Where was Xo Ba born?", "golden_answers": ["Tavin"], "query": "Xo Ba born",
+              "docs": DOCS_WITH + DOCS_WITHOUT, "useful": useful, "source": "trajectory"} for useful in (True, False)]
+    rows = labeling.sft_rows(pairs, tokenizer, words_per_doc=30)
+    assert "\nUseful Output:" in rows[0]["prompt"] and "useful" in rows[0]["prompt"]
+    assert "\nNoisy Output:" in rows[1]["prompt"] and "useful" not in rows[1]["prompt"]
+    for row in rows:  # rendered with the chat template, ready for generation
+        assert row["prompt"].startswith("<|im_start|>user\n") and row["prompt"].endswith("<|im_start|>assistant\n")
+        assert '"Tavin"' in row["prompt"] and "Write 2 " in row["prompt"]
+    docs, ok = parse_docs(rows[0]["completion"], 2)
+    assert ok and [[d.title, d.text] for d in docs] == pairs[0]["docs"]
+
+
+def test_without_titles_drops_documents_and_pairs_that_lose_their_answer():
+    pairs = [{"question": "Q1?", "query": "q", "golden_answers": ["Tavin"], "useful": True,
+              "docs": DOCS_WITH + DOCS_WITHOUT, "source": "trajectory"},
+             {"question": "Q2?", "query": "q", "golden_answers": ["Tavin"], "useful": False,
+              "docs": DOCS_WITH + DOCS_WITHOUT, "source": "trajectory"},
+             {"question": "Q3?", "query": "q", "golden_answers": ["Mern"], "useful": True,
+              "docs": DOCS_WITH + DOCS_WITHOUT, "source": "trajectory"},
+             {"question": "Q4?", "query": "q", "golden_answers": ["Mern"], "useful": False,
+              "docs": DOCS_WITHOUT, "source": "trajectory"}]
+    kept = labeling.without_titles(pairs, {"Quo Li"})
+    assert [(p["question"], p["docs"]) for p in kept] == [("Q1?", DOCS_WITH), ("Q2?", DOCS_WITH)]
+
+
+def test_heldout_triples_skip_excluded_questions_and_subjects(tiny_world):
+    rows = tiny_world["splits"]["test"]
+    exclude = {rows[0]["question"], rows[1]["subject"]}
+    triples = labeling.heldout_triples(rows, 500, seed=0, exclude=exclude)
+    assert len(triples) == 500 and all(t["hops"] == 1 for t in triples)
+    assert not any(t["question"] in exclude or t["subject"] in exclude for t in triples)
+    assert all(t["query"] == t["question"] or t["query"].startswith(t["subject"] + " ") for t in triples)
+    assert 0.2 < sum(t["query"] != t["question"] for t in triples) / 500 < 0.6
+    assert labeling.heldout_triples(rows, 500, seed=0, exclude=exclude) == triples

@@ -1,0 +1,70 @@
+import pytest
+
+from zslib import prompts
+from zslib.config import SimulatorConfig, TinyConfig
+from zslib.search import Doc, format_docs
+from zslib.simulator import SimulatedEngine, contains_answer, parse_docs
+
+
+def test_parse_docs_reads_numbered_documents_and_cuts_after_k():
+    docs = [Doc("Alpha", "Alpha is a city."), Doc("Beta (film)", "Beta is a film."), Doc("Gamma", "G."),
+            Doc("Delta", "D.")]
+    parsed, ok = parse_docs(format_docs(docs), 3)
+    assert ok and parsed[:2] == [Doc("Alpha", "Alpha is a city."), Doc("Beta (film)", "Beta is a film.")]
+    assert len(parsed) == 3 and parsed[2] == Doc("Gamma", "G.")
+
+
+def test_parse_docs_round_trips_the_formatter():
+    docs = [Doc("Xo Ba", "Xo Ba was born in Tavin."), Doc("Tavin", "Tavin is a city.")]
+    assert parse_docs(format_docs(docs), 2) == (docs, True)
+
+
+def test_parse_docs_never_raises_on_malformed_output():
+    assert parse_docs("Doc 1(Title: A) a\nDoc 2(Title: B) b", 3) == ([Doc("A", "a"), Doc("B", "b")], False)
+    assert parse_docs("first line\n\nsecond line\nthird\nfourth", 3) == (
+        [Doc("", "first line"), Doc("", "second line"), Doc("", "third")], False)
+    assert parse_docs("", 3) == ([], False)
+    for junk in ("Doc 1(Title: unclosed", "Doc Doc ((( Title:", ")))", "Doc 7(Title: ) "):
+        docs, ok = parse_docs(junk, 3)
+        assert isinstance(docs, list) and not ok
+
+
+def test_contains_answer_matches_whole_normalised_words():
+    docs = [Doc("Xo Ba", "Xo Ba was born in the city of Tavin.")]
+    assert contains_answer(docs, ["tavin"]) and contains_answer(docs, ["The Tavin"])
+    assert not contains_answer(docs, ["Tav"]) and not contains_answer(docs, ["Quo"])
+    assert contains_answer(docs, ["Quo", "Xo Ba"]) and not contains_answer(docs, [""])
+
+
+def test_useful_and_noisy_prompts_differ_only_in_the_keyword():
+    useful = prompts.simulator_user_message("Xo Ba born", "Where was Xo Ba born?", "Tavin", True, k=5, words=30)
+    noisy = prompts.simulator_user_message("Xo Ba born", "Where was Xo Ba born?", "Tavin", False, k=5, words=30)
+    assert useful.replace("useful", "noisy").replace("Useful", "Noisy") == noisy
+    assert useful.count("useful") == 1 and useful.endswith("Useful Output:")
+    for part in ("Query: Xo Ba born", "Where was Xo Ba born?", '"Tavin"', " 5 ", "30 words"):
+        assert part in useful
+
+
+def test_prompt_only_noisy_variant_hides_question_and_answer():
+    args = ("Xo Ba born", "Where was Xo Ba born?", "Tavin")
+    useful = prompts.simulator_user_message(*args, True, k=3, words=20, variant="prompt_only")
+    noisy = prompts.simulator_user_message(*args, False, k=3, words=20, variant="prompt_only")
+    assert "Where was Xo Ba born?" in useful and "Tavin" in useful
+    assert "Where was Xo Ba born?" not in noisy and "Tavin" not in noisy
+    for p in (useful, noisy):
+        assert prompts.PROMPT_ONLY_DEMO in p and p.endswith("Query: Xo Ba born\nOutput:")
+    with pytest.raises(ValueError, match="variant"):
+        prompts.simulator_user_message(*args, True, k=3, words=20, variant="other")
+
+
+def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
+    from zslib import tiny
+    model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
+                                                   num_heads=2, num_kv_heads=1), seed=0).eval()
+    engine = SimulatedEngine(model, tokenizer, SimulatorConfig(max_new_tokens=12, batch_calls=2))
+    out = engine.search(["a", "b", "c"], 3, noisy=[False, True, False], questions=["qa", "qb", "qc"],
+                        answers=["x", "y", "z"], temperature=1.0)
+    assert len(out) == 3 and all(len(docs) <= 3 for docs in out)
+    assert engine.calls == 3 and 3 <= engine.generated_tokens <= 36
+    with pytest.raises(ValueError, match="2 noisy flags"):
+        engine.search(["a", "b", "c"], 3, noisy=[False, True])

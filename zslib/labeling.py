@@ -1,0 +1,209 @@
+"""Step 2 (DESIGN §4): trajectories -> labelled (query, documents) pairs -> the simulator's SFT set.
+
+- v1: a trajectory that answered right (F1 or EM at least a threshold) makes all its calls'
+  documents *useful*; a wrong one makes them *noisy*.
+- v2: a judge looks at each (query, documents) and says whether they hold the answer:
+  ``contains`` checks the answer string (exact for the tiny world, whose articles state facts
+  verbatim), ``llm`` asks a model.
+- Pairs are deduplicated, optionally completed with each query's other label from the real
+  engine (*paired* examples: same prompt but the keyword, so only the keyword and the answer in
+  the prompt tell them apart), optionally joined by examples about invented entities (the
+  tiny simulator learns to copy the answer from its prompt only from facts it cannot recall),
+  and balanced.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from .prompts import render_simulator_prompt, simulator_user_message
+from .reward import exact_match, f1_score, normalize_answer
+from .search import Doc, format_docs
+from .simulator import contains_answer
+from .world import RELATION_KEYWORDS
+
+
+def label_trajectories(records: list[dict], metric: str = "f1", threshold: float = 0.5) -> list[dict]:
+    """v1 labels: one pair per search call, useful when its trajectory answered right."""
+    if metric not in ("f1", "em"):
+        raise ValueError(f"labeling.metric must be f1 or em, not {metric!r}")
+    score = f1_score if metric == "f1" else exact_match
+    pairs = []
+    for rec in records:
+        correct = score(rec.get("answer"), rec["golden_answers"]) >= threshold
+        for call in rec["calls"]:
+            pairs.append({"question": rec["question"], "golden_answers": rec["golden_answers"],
+                          "query": call["query"], "docs": [list(d) for d in call["docs"]],
+                          "useful": correct, "source": "trajectory", "trajectory": rec["id"]})
+    return pairs
+
+
+def _docs(pair: dict) -> list[Doc]:
+    return [Doc(t, x) for t, x in pair["docs"]]
+
+
+def judge_contains(pairs: list[dict]) -> list[bool]:
+    return [contains_answer(_docs(p), p["golden_answers"]) for p in pairs]
+
+
+JUDGE_PROMPT = ("Question: {question}\nAnswer: {answer}\nDocuments:\n{docs}\n\n"
+                "Do the documents contain the answer to the question? Reply with yes or no.")
+
+
+def judge_llm(pairs: list[dict], backend, tokenizer, batch_size: int = 16) -> list[bool]:
+    """v2: ask a model, per (query, documents), whether the documents contain the answer."""
+    verdicts = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        prompts = [render_simulator_prompt(tokenizer, JUDGE_PROMPT.format(
+            question=p["question"], answer=p["golden_answers"][0], docs=format_docs(_docs(p)))) for p in chunk]
+        out = backend.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], 4, 0.0, 1.0)
+        verdicts += [tokenizer.decode(o, skip_special_tokens=True).strip().lower().startswith("yes") for o in out]
+    return verdicts
+
+
+def apply_judge(pairs: list[dict], verdicts: list[bool]) -> list[dict]:
+    """The judge's verdict replaces the v1 label; ``v1_useful`` keeps the old one for statistics."""
+    return [{**p, "v1_useful": p["useful"], "useful": bool(v)} for p, v in zip(pairs, verdicts)]
+
+
+def _key(p: dict) -> tuple:
+    return (normalize_answer(p["question"]), normalize_answer(p["query"]))
+
+
+def deduplicate(pairs: list[dict]) -> list[dict]:
+    """One pair per (question, query, label): repeated calls add nothing but weight."""
+    seen, out = set(), []
+    for p in pairs:
+        key = _key(p) + (p["useful"],)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def useful_docs(engine, query: str, question: str, answers: list[str], k: int) -> list[Doc] | None:
+    """The engine's results for the query, with an answer-bearing document first (found with the
+    question if the query misses it); None when the engine has none."""
+    results, by_question = engine.search([query, question], 3 * k)
+    holding = [d for d in results + by_question if contains_answer([d], answers)]
+    if not holding:
+        return None
+    docs = [holding[0]]
+    for d in results + by_question:  # the query's own results first, then the question's
+        if d not in docs and len(docs) < k:
+            docs.append(d)
+    return docs
+
+
+def noisy_docs(engine, query: str, answers: list[str], k: int) -> list[Doc] | None:
+    """Related results for the query with every answer-bearing document removed."""
+    results = engine.search([query], 4 * k)[0]
+    kept = [d for d in results if not contains_answer([d], answers)][:k]
+    return kept if len(kept) == k else None
+
+
+def add_counterparts(pairs: list[dict], engine, k: int) -> list[dict]:
+    """For each (question, query) with one label, build the other from the real engine."""
+    labels: dict[tuple, set] = {}
+    for p in pairs:
+        labels.setdefault(_key(p), set()).add(p["useful"])
+    out, done = list(pairs), set()
+    for p in pairs:
+        key = _key(p)
+        if len(labels[key]) == 2 or key in done:
+            continue
+        done.add(key)
+        want_useful = not p["useful"]
+        docs = (useful_docs(engine, p["query"], p["question"], p["golden_answers"], k) if want_useful
+                else noisy_docs(engine, p["query"], p["golden_answers"], k))
+        if docs:
+            out.append({"question": p["question"], "golden_answers": p["golden_answers"], "query": p["query"],
+                        "docs": [[d.title, d.text] for d in docs], "useful": want_useful, "source": "counterpart"})
+    return out
+
+
+def terse_query(row: dict, rng: random.Random) -> str:
+    """The question itself, or (for tiny-world rows) the subject's name plus a relation keyword,
+    the two query forms the policy base writes."""
+    if "subject" in row and row.get("relation") in RELATION_KEYWORDS and rng.random() < 0.4:
+        return f"{row['subject']} {RELATION_KEYWORDS[row['relation']]}"
+    return row["question"]
+
+
+def invented_pairs(questions: list[dict], articles: dict[str, dict], engine, n: int, k: int,
+                   seed: int) -> list[dict]:
+    """Paired examples about invented entities (``world.invented_world``): the useful documents
+    start with the subject's article, which no model has seen; the noisy ones are the real
+    engine's results for the query, which cannot mention an invented answer."""
+    rng = random.Random(seed)
+    picked = rng.sample(questions, min(n, len(questions)))
+    queries = [terse_query(q, rng) for q in picked]
+    results = engine.search(queries, k)
+    out = []
+    for q, query, docs in zip(picked, queries, results):
+        a = articles[q["subject"]]
+        others = [[d.title, d.text] for d in docs if not contains_answer([d], q["golden_answers"])]
+        base = {"question": q["question"], "golden_answers": q["golden_answers"], "query": query, "source": "invented"}
+        out.append({**base, "docs": [[a["title"], a["text"]]] + others[: k - 1], "useful": True})
+        if len(others) >= k:
+            out.append({**base, "docs": others[:k], "useful": False})
+    return out
+
+
+def without_titles(pairs: list[dict], titles: set[str]) -> list[dict]:
+    """Remove documents with these titles (e.g. the evaluation split's subjects, so the simulator
+    is tested on entities its SFT set never showed). A pair left with no document, or a useful
+    pair that loses its only answer-bearing document, is dropped."""
+    out = []
+    for p in pairs:
+        kept = {**p, "docs": [d for d in p["docs"] if d[0] not in titles]}
+        lost_answer = p["useful"] and judge_contains([p])[0] and not judge_contains([kept])[0]
+        if kept["docs"] and not lost_answer:
+            out.append(kept)
+    return out
+
+
+def balance(pairs: list[dict], seed: int) -> list[dict]:
+    """Drop random pairs of the larger label until useful and noisy are equally many."""
+    rng = random.Random(seed)
+    useful = [p for p in pairs if p["useful"]]
+    noisy = [p for p in pairs if not p["useful"]]
+    n = min(len(useful), len(noisy))
+    keep = {id(p) for p in rng.sample(useful, n) + rng.sample(noisy, n)}
+    return [p for p in pairs if id(p) in keep]
+
+
+def sft_rows(pairs: list[dict], tokenizer, words_per_doc: int) -> list[dict]:
+    """Prompt/completion rows: the fine-tuned simulator prompt (k = the pair's number of
+    documents) and the documents in the ``Doc i(Title: …)`` format as the completion."""
+    rows = []
+    for p in pairs:
+        docs = _docs(p)
+        message = simulator_user_message(p["query"], p["question"], p["golden_answers"][0], p["useful"],
+                                         k=len(docs), words=words_per_doc)
+        rows.append({"prompt": render_simulator_prompt(tokenizer, message), "completion": format_docs(docs),
+                     "useful": p["useful"], "question": p["question"], "query": p["query"],
+                     "golden_answers": p["golden_answers"], "source": p["source"]})
+    return rows
+
+
+def statistics(pairs: list[dict]) -> dict:
+    """Counts by label and source, and how often each label's documents hold the answer."""
+    by = Counter((p["source"], "useful" if p["useful"] else "noisy") for p in pairs)
+    holds = {lab: [contains_answer(_docs(p), p["golden_answers"]) for p in pairs if p["useful"] == (lab == "useful")]
+             for lab in ("useful", "noisy")}
+    return {"pairs": len(pairs), "by_source": {f"{s}/{lab}": n for (s, lab), n in sorted(by.items())},
+            "answer_in_docs": {lab: sum(v) / max(1, len(v)) for lab, v in holds.items()}}
+
+
+def heldout_triples(rows: list[dict], n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """(question, gold answers, query) triples for evaluating a simulator on questions whose
+    subjects are not in its SFT set; 1-hop rows only when the rows say how many hops they take."""
+    rng = random.Random(seed)
+    pool = [r for r in rows if r.get("hops", 1) == 1 and r["question"] not in exclude]
+    if "subject" in (pool[0] if pool else {}):
+        pool = [r for r in pool if r["subject"] not in exclude]
+    picked = rng.sample(pool, min(n, len(pool)))
+    return [{**r, "query": terse_query(r, rng)} for r in picked]

@@ -1,0 +1,207 @@
+"""The search simulator (DESIGN §3): LoRA fine-tuning with TRL, a search engine built on it, and
+its evaluation against the prompt-only base and the real engine.
+
+``SimulatedEngine.search(queries, topk, noisy=..., questions=..., answers=...)`` has the same
+shape as every other engine's ``search``; the extra lists say, per call, whether to write useful
+or noisy documents and for which question and gold answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import render_simulator_prompt, simulator_user_message
+from .reward import normalize_answer
+from .rollout import HFBackend
+from .search import Doc
+
+# "Doc 3(Title: X) text" up to the next "Doc n(" or the end. Lenient about spaces and quotes;
+# a title may hold one level of parentheses, as Wikipedia's "Mercury (planet)".
+_DOC = re.compile(r"Doc\s*(\d+)\s*\(\s*Title:\s*((?:[^()\n]|\([^()\n]*\))*)\)\s*(.*?)(?=Doc\s*\d+\s*\(|\Z)",
+                  re.DOTALL)
+
+
+def parse_docs(text: str, k: int) -> tuple[list[Doc], bool]:
+    """Documents from simulator output, cut after the k-th, and whether the output was well formed
+    (at least k numbered documents). Never raises: text without numbering becomes one document
+    per non-empty line, so a malformed answer still gives the policy something to read."""
+    found = [Doc(t.strip().strip('"'), " ".join(body.split())) for _, t, body in _DOC.findall(text)]
+    if found:
+        return found[:k], len(found) >= k
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return [Doc("", line) for line in lines[:k]], False
+
+
+def contains_answer(docs: list[Doc], answers: list[str]) -> bool:
+    """Whether any document states any gold answer (normalised substring, as cover-EM)."""
+    text = " " + normalize_answer(" ".join(f"{d.title} {d.text}" for d in docs)) + " "
+    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
+
+
+class SimulatedEngine:
+    """An LLM that writes search results on demand, useful or noisy per call.
+
+    ``generated_tokens`` and ``calls`` count the cost (what a real API would have billed).
+    """
+
+    def __init__(self, model, tokenizer, cfg, variant: str | None = None):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.variant = variant or cfg.prompt
+        self._backends: dict[int, HFBackend] = {}
+        self.generated_tokens = 0
+        self.calls = 0
+
+    def _backend(self, k: int) -> HFBackend:
+        # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
+        if k not in self._backends:
+            self._backends[k] = HFBackend(self.model, self.tokenizer, stop_strings=[f"Doc {k + 1}("])
+        return self._backends[k]
+
+    def prompts(self, queries, topk, noisy, questions, answers) -> list[str]:
+        return [render_simulator_prompt(self.tokenizer, simulator_user_message(
+                    q, question, answer, useful=not bad, k=topk, words=self.cfg.words_per_doc, variant=self.variant))
+                for q, bad, question, answer in zip(queries, noisy, questions, answers)]
+
+    def generate_raw(self, queries, topk, noisy, questions, answers, temperature=None) -> list[str]:
+        """The simulator's raw text per call (before parsing)."""
+        temperature = self.cfg.temperature if temperature is None else temperature
+        texts = []
+        prompts = self.prompts(queries, topk, noisy, questions, answers)
+        for i in range(0, len(prompts), self.cfg.batch_calls):
+            chunk = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + self.cfg.batch_calls]]
+            out = self._backend(topk).generate(chunk, self.cfg.max_new_tokens, temperature, self.cfg.top_p)
+            self.generated_tokens += sum(len(o) for o in out)
+            texts += [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        self.calls += len(prompts)
+        return texts
+
+    def search(self, queries: list[str], topk: int, noisy: list[bool] | None = None,
+               questions: list[str] | None = None, answers: list[str] | None = None,
+               temperature: float | None = None) -> list[list[Doc]]:
+        n = len(queries)
+        noisy = noisy if noisy is not None else [False] * n
+        questions = questions if questions is not None else list(queries)
+        answers = answers if answers is not None else [""] * n
+        if not len(noisy) == len(questions) == len(answers) == n:
+            raise ValueError(f"search: {n} queries but {len(noisy)} noisy flags, {len(questions)} questions, "
+                             f"{len(answers)} answers")
+        raw = self.generate_raw(queries, topk, noisy, questions, answers, temperature)
+        return [parse_docs(text, topk)[0] for text in raw]
+
+
+def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):
+    """The rollout hook for RL: one independent noisy draw per search call (DESIGN §5)."""
+    def search_fn(queries, trajs):
+        noisy = (torch.rand(len(queries), generator=rng) < noise_probability).tolist()
+        docs = engine.search(queries, topk, noisy=noisy, questions=[t.question for t in trajs],
+                             answers=[t.golden_answers[0] for t in trajs])
+        return docs, noisy
+    return search_fn
+
+
+# ---------------------------------------------------------------- fine-tuning (TRL + peft)
+
+def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = None) -> dict:
+    """Fine-tune the simulator base on prompt/completion rows with TRL's ``SFTTrainer``.
+
+    Loss is on the completion only (the documents). With ``simulator.lora`` the LoRA adapter is
+    saved, otherwise the full weights; both load with ``load_simulator``. Returns the log history,
+    also written to ``<out_dir>/sft.loss.jsonl`` for the plots.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = profile.simulator
+    out_dir = Path(out_dir or profile.simulator_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(profile.simulator_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        profile.simulator_path, dtype=getattr(torch, profile.models.dtype) if on_gpu else torch.float32)
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows])
+    args = SFTConfig(
+        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, max_length=cfg.max_length, completion_only_loss=True,
+        lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10, save_strategy="no", report_to=[],
+        use_cpu=not on_gpu, bf16=on_gpu, pad_to_multiple_of=64, seed=profile.seed, dataloader_num_workers=0)
+    peft_config = None
+    if cfg.lora:
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                                 lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 modules_to_save=["lm_head"] if cfg.train_lm_head else None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(str(out_dir))  # the adapter with LoRA, the whole model without
+    tokenizer.save_pretrained(str(out_dir))
+    history = [r for r in trainer.state.log_history if "loss" in r]
+    (out_dir / "sft.loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    return {"history": history, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+
+
+def load_simulator(profile, finetuned: bool = True, device: str | None = None):
+    """``(model, tokenizer)``: the fine-tuned simulator (adapter merged for speed) or its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, profile.models.dtype) if device == "cuda" else torch.float32
+    path = Path(profile.simulator_dir)
+    if not finetuned:
+        path = Path(profile.simulator_path)
+    elif not (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"no fine-tuned simulator in {path}: run notebook 03 first")
+    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else profile.simulator_path)
+    tokenizer.padding_side = "left"
+    if finetuned and (path / "adapter_config.json").exists():
+        from peft import PeftModel
+        base = AutoModelForCausalLM.from_pretrained(profile.simulator_path, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else profile.simulator_path, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_engine(search, triples: list[dict], topk: int, desc: str = "simulator") -> dict:
+    """Share of useful calls whose documents hold the gold answer, the same for noisy calls, and
+    the share of outputs that parse into k documents.
+
+    ``search(queries, noisy, questions, answers) -> (docs per call, well-formed per call)``.
+    """
+    stats = {}
+    for noisy in (False, True):
+        hits = parsed = 0
+        for i in tqdm(range(0, len(triples), 64), desc=f"{desc} ({'noisy' if noisy else 'useful'})"):
+            chunk = triples[i:i + 64]
+            docs, ok = search([t["query"] for t in chunk], [noisy] * len(chunk),
+                              [t["question"] for t in chunk], [t["golden_answers"][0] for t in chunk])
+            hits += sum(contains_answer(d, t["golden_answers"]) for d, t in zip(docs, chunk))
+            parsed += sum(ok)
+        stats["noisy" if noisy else "useful"] = (hits / max(1, len(triples)), parsed / max(1, len(triples)))
+    return {"useful_contains_answer": stats["useful"][0], "noisy_contains_answer": stats["noisy"][0],
+            "parse_rate": (stats["useful"][1] + stats["noisy"][1]) / 2, "n": len(triples)}
+
+
+def simulator_eval_fn(engine: SimulatedEngine, topk: int, temperature: float):
+    def search(queries, noisy, questions, answers):
+        raw = engine.generate_raw(queries, topk, noisy, questions, answers, temperature)
+        parsed = [parse_docs(text, topk) for text in raw]
+        return [p[0] for p in parsed], [p[1] for p in parsed]
+    return search
+
+
+def real_engine_eval_fn(engine, topk: int):
+    """A real engine has no noisy mode: both kinds of call get its ordinary results."""
+    def search(queries, noisy, questions, answers):
+        docs = engine.search(queries, topk)
+        return docs, [len(d) >= topk for d in docs]
+    return search
