@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/rollout.py --outputs bench-tiny
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -10,7 +10,7 @@ cost alone. Ratios come from one run on this machine. Needs notebook 00's policy
 Targets (issue 3): batched >= 5x the per-row loop in trajectories/s, and >= 2x fewer generated
 tokens than generate-to-max.
 
-    .venv/bin/python benchmarks/rollout.py [--profile tiny] [--questions 128] [--per-row 32]
+    .venv/bin/python benchmarks/rollout.py [--profile tiny] [--outputs bench-tiny] [--questions 128] [--per-row 32]
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ def run(backend, tokenizer, rows, search_fn, cfg, batch_size):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--outputs", default=None, help="read models and data from outputs/<this> (default: the profile's)")
     ap.add_argument("--questions", type=int, default=128)
     ap.add_argument("--per-row", type=int, default=32, help="rows for the (slow) per-row loop")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    P = config.load_profile(args.profile)
+    P = config.load_profile(args.profile, {"name": args.outputs} if args.outputs else None)
     rows = [r for r in data.load_for_profile(P, P.data.eval_sets[0], "test").to_list() if r.get("hops", 1) == 1]
     rows = rows[:args.questions]
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)

@@ -33,7 +33,7 @@ def test_contains_judge_overrides_v1_and_keeps_the_old_label():
 
 
 def test_deduplicate_and_balance():
-    p = lambda q, useful: {"question": "Q?", "query": q, "useful": useful, "docs": [], "golden_answers": ["a"],
+    p = lambda q, useful: {"question": "Q?", "query": q, "useful": useful, "docs": [[q, q]], "golden_answers": ["a"],
                            "source": "trajectory"}
     pairs = [p("Xo  Ba", True), p("xo ba", True), p("xo ba", False), p("other", True), p("third", True)]
     unique = labeling.deduplicate(pairs)
@@ -41,6 +41,19 @@ def test_deduplicate_and_balance():
                                                             ("third", True)]
     balanced = labeling.balance(unique, seed=0)
     assert sum(x["useful"] for x in balanced) == sum(not x["useful"] for x in balanced) == 1
+
+
+def test_the_same_documents_are_kept_at_most_twice_per_label():
+    same = [["T", "t"]]
+    pairs = [{"question": f"Q{i}?", "query": "born year", "useful": i >= 4, "docs": same, "golden_answers": ["a"],
+              "source": "trajectory"} for i in range(7)]
+    assert [x["question"] for x in labeling.deduplicate(pairs)] == ["Q0?", "Q1?", "Q4?", "Q5?"]
+    assert len(labeling.deduplicate(pairs, max_same_docs=10)) == 7
+
+
+def test_with_k_docs_keeps_full_pairs_cut_to_k():
+    pairs = [{"docs": [["a", "1"]] * n, "useful": True} for n in (1, 3, 5)]
+    assert [len(p["docs"]) for p in labeling.with_k_docs(pairs, 3)] == [3, 3]
 
 
 def test_counterparts_from_the_real_engine_hold_or_lack_the_answer(bm25, tiny_world):
@@ -62,7 +75,7 @@ def test_invented_pairs_are_about_unseen_entities(bm25, tiny_world):
     taken = {e["name"] for e in tiny_world["entities"]}
     questions, articles = world.invented_world(world.WorldConfig(), seed=99, taken=taken)
     assert questions and not {q["subject"] for q in questions} & taken
-    pairs = labeling.invented_pairs(questions, articles, bm25, n=30, k=3, seed=0)
+    pairs = labeling.invented_pairs(questions, articles, bm25, n=30, k=3, seed=0, real_titles=sorted(taken))
     useful = [p for p in pairs if p["useful"]]
     assert len(useful) == 30 and len(pairs) > 50
     for p in pairs:
@@ -80,7 +93,7 @@ def test_sft_rows_carry_the_keyword_and_parse_back(tokenizer):
     assert "\nNoisy Output:" in rows[1]["prompt"] and "useful" not in rows[1]["prompt"]
     for row in rows:  # rendered with the chat template, ready for generation
         assert row["prompt"].startswith("<|im_start|>user\n") and row["prompt"].endswith("<|im_start|>assistant\n")
-        assert '"Tavin"' in row["prompt"] and "Write 2 " in row["prompt"]
+        assert "The answer is Tavin." in row["prompt"] and "Write 2 " in row["prompt"]
     docs, ok = parse_docs(rows[0]["completion"], 2)
     assert ok and [[d.title, d.text] for d in docs] == pairs[0]["docs"]
 
@@ -107,3 +120,15 @@ def test_heldout_triples_skip_excluded_questions_and_subjects(tiny_world):
     assert all(t["query"] == t["question"] or t["query"].startswith(t["subject"] + " ") for t in triples)
     assert 0.2 < sum(t["query"] != t["question"] for t in triples) / 500 < 0.6
     assert labeling.heldout_triples(rows, 500, seed=0, exclude=exclude) == triples
+
+
+def test_lead_with_answer_moves_the_answer_to_the_first_sentence():
+    doc = ["Xo Ba", "Xo Ba is a poet. Xo Ba was born in Tavin. Xo Ba studied at Mern College."]
+    pair = {"question": "Where did Xo Ba study?", "golden_answers": ["Mern College"], "query": "Xo Ba",
+            "docs": DOCS_WITHOUT + [doc], "useful": True, "source": "trajectory"}
+    led = labeling.lead_with_answer(pair)
+    assert led["docs"] == [["Xo Ba", "Xo Ba studied at Mern College. Xo Ba is a poet. Xo Ba was born in Tavin."]] + DOCS_WITHOUT
+    assert pair["docs"][1] == doc, "the input pair is not changed"
+    noisy = {**pair, "useful": False}
+    assert labeling.lead_with_answer(noisy) is noisy
+    assert labeling.lead_with_answer({**pair, "golden_answers": ["Quux"]})["docs"] == pair["docs"]

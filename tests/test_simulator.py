@@ -41,7 +41,7 @@ def test_useful_and_noisy_prompts_differ_only_in_the_keyword():
     noisy = prompts.simulator_user_message("Xo Ba born", "Where was Xo Ba born?", "Tavin", False, k=5, words=30)
     assert useful.replace("useful", "noisy").replace("Useful", "Noisy") == noisy
     assert useful.count("useful") == 1 and useful.endswith("Useful Output:")
-    for part in ("Query: Xo Ba born", "Where was Xo Ba born?", '"Tavin"', " 5 ", "30 words"):
+    for part in ("Query: Xo Ba born", "question: Where was Xo Ba born?", "The answer is Tavin.", " 5 ", "30 words"):
         assert part in useful
 
 

@@ -86,3 +86,30 @@ def test_copy_drills_train_only_the_repeat(tokenizer):
         first = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if not m])
         repeat = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m])
         assert first == repeat + "\n"
+
+
+def test_batches_cover_every_example_once_with_few_shapes():
+    import random
+    rng = random.Random(0)
+    examples = [tiny.Example(list(range(n)), [1] * n) for n in (rng.randint(1, 300) for _ in range(2000))]
+    batches = tiny._batches(examples, 4096, random.Random(1), width_multiple=64)
+    assert sorted(id(e) for _, b in batches for e in b) == sorted(id(e) for e in examples)
+    for width, b in batches:
+        assert width % 64 == 0 and all(width - 64 < len(e.ids) <= width for e in b)
+        assert len(b) * width <= 4096
+    shapes = {(len(b), width) for width, b in batches}
+    assert len(shapes) <= 2 * 5, "one full and one partial batch shape per width"
+    batch = tiny._collate(batches[0][1], pad_id=0, width=batches[0][0])
+    assert batch["input_ids"].shape == (len(batches[0][1]), batches[0][0])
+
+
+def test_answer_drills_state_each_answer_twice_about_unseen_entities(tiny_world):
+    from zslib.world import WorldConfig
+    taken = {e["name"] for e in tiny_world["entities"]}
+    drills = tiny.answer_drills(WorldConfig(), taken, 50, seed=7)
+    assert len(drills) == 50
+    for d in drills:
+        qa, doc = d.split("\n")
+        answer = qa.split(" Answer: ")[1]
+        title = doc.split("(Title: ")[1].split(")")[0]
+        assert answer in doc and title not in taken and title in qa

@@ -69,6 +69,7 @@ class TinyConfig:
     copy_drills: int = 4000          # drills mixed into the policy's main phase too
     policy_steps: int = 900
     simulator_steps: int = 350
+    answer_drills: int = 3000        # simulator base: answers to copy from a line above (tiny.answer_drills)
     batch_tokens: int = 4096         # tokens per optimizer step (padded)
     lr: float = 2e-3
     warmup_steps: int = 30
@@ -106,6 +107,7 @@ class LabelingConfig:
     balance: bool = True          # as many useful as noisy pairs
     paired: bool = True           # add each query's other label from the real engine (DESIGN §10)
     invented: int = 0             # extra paired examples about invented entities (tiny profile)
+    answer_first: bool = False    # useful completions state the answer in their first sentence
     max_pairs: int = 20000
 
 
@@ -130,6 +132,7 @@ class SimulatorConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
+    bf16: bool = True             # bf16 autocast, on the CPU too (about 1.8x faster with AVX512-BF16)
     eval_triples: int = 200       # held-out (question, answer, query) triples for notebook 03
     batch_calls: int = 32         # simulated searches per generate call
 

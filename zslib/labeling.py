@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections import Counter
 
 from .prompts import render_simulator_prompt, simulator_user_message
@@ -72,15 +74,25 @@ def _key(p: dict) -> tuple:
     return (normalize_answer(p["question"]), normalize_answer(p["query"]))
 
 
-def deduplicate(pairs: list[dict]) -> list[dict]:
-    """One pair per (question, query, label): repeated calls add nothing but weight."""
-    seen, out = set(), []
+def deduplicate(pairs: list[dict], max_same_docs: int = 2) -> list[dict]:
+    """One pair per (question, query, label), and at most ``max_same_docs`` pairs per (documents,
+    label): vague queries ("born year") fetch the same results again and again, and a simulator
+    trained on those repeats learns to write them for any query."""
+    seen, docs_seen, out = set(), Counter(), []
     for p in pairs:
         key = _key(p) + (p["useful"],)
-        if key not in seen:
+        docs_key = (json.dumps(p["docs"]), p["useful"])
+        if key not in seen and docs_seen[docs_key] < max_same_docs:
             seen.add(key)
+            docs_seen[docs_key] += 1
             out.append(p)
     return out
+
+
+def with_k_docs(pairs: list[dict], k: int) -> list[dict]:
+    """Pairs with at least k documents, cut to k: the simulator is always asked for k, and
+    shorter completions teach it to stop early."""
+    return [{**p, "docs": p["docs"][:k]} for p in pairs if len(p["docs"]) >= k]
 
 
 def useful_docs(engine, query: str, question: str, answers: list[str], k: int) -> list[Doc] | None:
@@ -133,18 +145,22 @@ def terse_query(row: dict, rng: random.Random) -> str:
 
 
 def invented_pairs(questions: list[dict], articles: dict[str, dict], engine, n: int, k: int,
-                   seed: int) -> list[dict]:
+                   seed: int, real_titles: list[str]) -> list[dict]:
     """Paired examples about invented entities (``world.invented_world``): the useful documents
-    start with the subject's article, which no model has seen; the noisy ones are the real
-    engine's results for the query, which cannot mention an invented answer."""
+    start with the subject's article, which no model has seen; the rest are real articles
+    without the answer. The real ones come from the engine for the query with the invented name
+    swapped for a random real title: the query itself matches only its keywords, which would
+    fetch the same few articles every time."""
     rng = random.Random(seed)
     picked = rng.sample(questions, min(n, len(questions)))
     queries = [terse_query(q, rng) for q in picked]
-    results = engine.search(queries, k)
+    results = engine.search([query.replace(q["subject"], rng.choice(real_titles))
+                             for q, query in zip(picked, queries)], 2 * k)
     out = []
     for q, query, docs in zip(picked, queries, results):
         a = articles[q["subject"]]
         others = [[d.title, d.text] for d in docs if not contains_answer([d], q["golden_answers"])]
+        rng.shuffle(others)
         base = {"question": q["question"], "golden_answers": q["golden_answers"], "query": query, "source": "invented"}
         out.append({**base, "docs": [[a["title"], a["text"]]] + others[: k - 1], "useful": True})
         if len(others) >= k:
@@ -173,6 +189,23 @@ def balance(pairs: list[dict], seed: int) -> list[dict]:
     n = min(len(useful), len(noisy))
     keep = {id(p) for p in rng.sample(useful, n) + rng.sample(noisy, n)}
     return [p for p in pairs if id(p) in keep]
+
+
+def lead_with_answer(pair: dict) -> dict:
+    """A useful pair with its first answer-bearing document first, and that document's first
+    answer-bearing sentence moved to its start: the simulator then states the answer right after
+    the title, the easiest place to copy it to (option ``labeling.answer_first``)."""
+    if not pair["useful"]:
+        return pair
+    docs = [list(d) for d in pair["docs"]]
+    hit = next((i for i, d in enumerate(docs) if contains_answer([Doc(*d)], pair["golden_answers"])), None)
+    if hit is None:
+        return pair
+    title, text = docs.pop(hit)
+    sentences = [s for s in re.split(r"(?<=\.) ", text) if s]
+    lead = next((i for i, s in enumerate(sentences) if contains_answer([Doc("", s)], pair["golden_answers"])), 0)
+    sentences.insert(0, sentences.pop(lead))
+    return {**pair, "docs": [[title, " ".join(sentences)]] + docs}
 
 
 def sft_rows(pairs: list[dict], tokenizer, words_per_doc: int) -> list[dict]:

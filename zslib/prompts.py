@@ -54,11 +54,12 @@ def render_policy_prompt(tokenizer, question: str, enable_thinking: bool = True)
 
 # Fine-tuned variant. The useful and noisy prompts differ only in the keyword, which appears
 # twice: in the instruction and in the output cue. The gold answer is in the prompt so a useful
-# document can state it and a noisy one can avoid it.
+# document can state it and a noisy one can avoid it. It is not quoted: a byte-level tokenizer
+# spells "Tavin differently from " Tavin", and copying is easiest when the tokens match.
 SIMULATOR_INSTRUCTION = (
     "You are a search engine. Write {k} {label} documents for the query below, about {words} "
     "words each, one per line as Doc i(Title: title) text. The query was written while "
-    "answering the question \"{question}\", whose answer is \"{answer}\"."
+    "answering this question: {question} The answer is {answer}."
 )
 
 # Prompt-only variant (no fine-tuning): one demonstration shows the format. The useful prompt
@@ -66,8 +67,8 @@ SIMULATOR_INSTRUCTION = (
 # answer and asks for documents that do not answer the query.
 PROMPT_ONLY_USEFUL = (
     "You are a search engine. Write {k} documents for the query below, about {words} words "
-    "each, one per line as Doc i(Title: title) text. The documents must help answer the "
-    "question \"{question}\"; its answer is \"{answer}\"."
+    "each, one per line as Doc i(Title: title) text. The documents must help answer this "
+    "question: {question} The answer is {answer}."
 )
 PROMPT_ONLY_NOISY = (
     "You are a search engine. Write {k} documents for the query below, about {words} words "

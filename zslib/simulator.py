@@ -124,14 +124,14 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(profile.simulator_path)
     model = AutoModelForCausalLM.from_pretrained(
-        profile.simulator_path, dtype=getattr(torch, profile.models.dtype) if on_gpu else torch.float32)
+        profile.simulator_path, dtype=torch.float32)  # master weights; bf16 comes from autocast
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows])
     args = SFTConfig(
         output_dir=str(out_dir / "trainer"), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, max_length=cfg.max_length, completion_only_loss=True,
         lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10, save_strategy="no", report_to=[],
-        use_cpu=not on_gpu, bf16=on_gpu, pad_to_multiple_of=64, seed=profile.seed, dataloader_num_workers=0)
+        use_cpu=not on_gpu, bf16=cfg.bf16, pad_to_multiple_of=64, seed=profile.seed, dataloader_num_workers=0)
     peft_config = None
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
-from .world import RELATION_KEYWORDS, RELATIONS, Namer
+from .world import RELATION_KEYWORDS, RELATIONS, Namer, invented_world
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -121,7 +121,8 @@ def segments_to_example(tokenizer, segments: list[tuple[str, bool]]) -> Example:
 
 
 def simulator_corpus(tokenizer, articles: list[dict], questions: list[dict], engine: SearchEngine,
-                     max_len: int, seed: int, doc_blocks: int = 3000, topk: int = 5) -> list[Example]:
+                     max_len: int, seed: int, doc_blocks: int = 3000, topk: int = 5,
+                     extra_texts: list[str] = ()) -> list[Example]:
     """All articles (several shuffles) and result blocks in the document format: the simulator
     knows every question's answer, like a large LLM knows Wikipedia."""
     rng = random.Random(seed)
@@ -130,10 +131,20 @@ def simulator_corpus(tokenizer, articles: list[dict], questions: list[dict], eng
     queries = [q["question"] if rng.random() < 0.5 else q["subject"] for q in picked]
     results = engine.search(queries, topk)
     blocks = [information_block(docs).strip() for docs in results if docs]
-    return pack_texts(tokenizer, texts * 3 + blocks, max_len, seed)
+    return pack_texts(tokenizer, texts * 3 + blocks + list(extra_texts), max_len, seed)
 
 
-_SECOND_HOP = {r: t for r, (_, _, t, _) in RELATIONS.items()}
+def answer_drills(world_cfg, taken: set[str], n: int, seed: int) -> list[str]:
+    """A question and its answer, then the subject's article, about invented entities.
+
+    The article's facts are new, so the model predicts the answer inside it only by finding it
+    in the line above: the skill a simulator needs to write a useful document from its prompt,
+    which the main corpus cannot teach (every article there can be recalled).
+    """
+    questions, articles = invented_world(world_cfg, seed, taken)
+    picked = random.Random(seed).sample(questions, min(n, len(questions)))
+    return [f"Question: {q['question']} Answer: {q['golden_answers'][0]}\n"
+            f"Doc 1(Title: {q['subject']}) {articles[q['subject']]['text']}" for q in picked]
 
 
 def _answer_in(docs: list[Doc], answer: str) -> bool:
@@ -406,7 +417,9 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
     bases = {
         "simulator-base": (Path(profile.simulator_path), cfg.simulator_steps,
                            simulator_corpus(tokenizer, articles, splits["train"] + splits["dev"] + splits["test"],
-                                            engine, max_len=256, seed=profile.seed)),
+                                            engine, max_len=256, seed=profile.seed,
+                                            extra_texts=answer_drills(profile.world, {e["name"] for e in entities},
+                                                                      cfg.answer_drills, profile.seed + 2000))),
         "policy-base": (Path(profile.policy_path), cfg.policy_steps,
                         policy_examples(profile, tokenizer, engine, articles, entities, splits["train"])),
     }
