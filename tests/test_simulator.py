@@ -68,3 +68,33 @@ def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
     assert engine.calls == 3 and 3 <= engine.generated_tokens <= 36
     with pytest.raises(ValueError, match="2 noisy flags"):
         engine.search(["a", "b", "c"], 3, noisy=[False, True])
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path, lora):
+    import torch
+
+    from zslib import config, labeling, simulator, tiny
+
+    P = config.load_profile("tiny", {"simulator.lora": lora, "simulator.max_steps": 4, "simulator.batch_size": 4,
+                                     "simulator.lr": 1e-2, "simulator.bf16": False})
+    base = tmp_path / "base"
+    model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
+                                                   num_heads=2, num_kv_heads=1), seed=0)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    P.models.simulator = str(base)
+    pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
+              "docs": [["Xo", "Xo was born in Tavin."]] * 2, "useful": i % 2 == 0, "source": "trajectory"}
+             for i in range(16)]
+    out = tmp_path / "sim"
+    result = simulator.train_simulator(P, labeling.sft_rows(pairs, tokenizer, 30), out)
+    assert (out / ("adapter_config.json" if lora else "config.json")).exists()
+    assert len(result["history"]) == 0 or result["history"][-1]["step"] <= 4
+    expected_trainable = sum(p.numel() for p in model.parameters())
+    assert (result["trainable"] < expected_trainable / 2) == lora, "LoRA trains a small share of the weights"
+    tuned, tok = simulator.load_simulator(P, finetuned=True, device="cpu", path=out)
+    assert type(tuned).__name__ == "Qwen3ForCausalLM" and tok.padding_side == "left"
+    ids = tok("Doc 1(Title: Xo)", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, model.eval()(ids).logits), "training changed the weights"

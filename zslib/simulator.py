@@ -147,25 +147,26 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     return {"history": history, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
 
-def load_simulator(profile, finetuned: bool = True, device: str | None = None):
-    """``(model, tokenizer)``: the fine-tuned simulator (adapter merged for speed) or its base."""
+def load_simulator(profile, finetuned: bool = True, device: str | None = None, path: str | Path | None = None):
+    """``(model, tokenizer)``: the fine-tuned simulator (adapter merged for speed) from ``path``
+    (default ``outputs/<profile>/simulator/``), or its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, profile.models.dtype) if device == "cuda" else torch.float32
-    path = Path(profile.simulator_dir)
+    source = Path(path or profile.simulator_dir)
     if not finetuned:
-        path = Path(profile.simulator_path)
-    elif not (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        raise FileNotFoundError(f"no fine-tuned simulator in {path}: run notebook 03 first")
-    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else profile.simulator_path)
+        source = profile.simulator_path  # a local folder or a hub id
+    elif not any((source / f).exists() for f in ("adapter_config.json", "config.json")):
+        raise FileNotFoundError(f"no fine-tuned simulator in {source}: run notebook 03 first")
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
     tokenizer.padding_side = "left"
-    if finetuned and (path / "adapter_config.json").exists():
+    if finetuned and (source / "adapter_config.json").exists():
         from peft import PeftModel
         base = AutoModelForCausalLM.from_pretrained(profile.simulator_path, dtype=dtype)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else profile.simulator_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 

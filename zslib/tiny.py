@@ -147,6 +147,10 @@ def answer_drills(world_cfg, taken: set[str], n: int, seed: int) -> list[str]:
             f"Doc 1(Title: {q['subject']}) {articles[q['subject']]['text']}" for q in picked]
 
 
+# A second-hop query asks the bridge entity the question of the second relation.
+_SECOND_HOP = {r: t for r, (_, _, t, _) in RELATIONS.items()}
+
+
 def _answer_in(docs: list[Doc], answer: str) -> bool:
     return any(answer in d.text for d in docs)
 
