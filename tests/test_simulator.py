@@ -98,3 +98,23 @@ def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path
     ids = tok("Doc 1(Title: Xo)", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(tuned(ids).logits, model.eval()(ids).logits), "training changed the weights"
+
+
+def test_simulator_search_fn_passes_each_rows_question_answer_and_noisy_draw():
+    import torch
+
+    from zslib.rollout import Trajectory
+    from zslib.simulator import simulator_search_fn
+
+    class Recorder:
+        def search(self, queries, topk, noisy, questions, answers):
+            self.seen = (queries, topk, noisy, questions, answers)
+            return [[Doc(q, "x")] for q in queries]
+
+    engine = Recorder()
+    trajs = [Trajectory("Where was Xo born?", ["Tavin", "T"]), Trajectory("Who wrote Y?", ["Mern"])]
+    for p, expected in ((0.0, [False, False]), (1.0, [True, True])):
+        docs, flags = simulator_search_fn(engine, 3, p, torch.Generator().manual_seed(0))(["xo", "y"], trajs)
+        assert flags == expected and engine.seen == (["xo", "y"], 3, expected, ["Where was Xo born?", "Who wrote Y?"],
+                                                     ["Tavin", "Mern"])
+        assert docs == [[Doc("xo", "x")], [Doc("y", "x")]]

@@ -51,3 +51,31 @@ def f1_score(pred: str | None, golden_answers: list[str]) -> float:
         precision, recall = common / len(p_tokens), common / len(g_tokens)
         best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+_BLOCK = re.compile(r"<(think|search|information|answer)>(.*?)</\1>", re.DOTALL)
+_VALID_ORDER = re.compile(r"^(think )?(search information (think )?)*answer $")
+
+
+def valid_format(response: str) -> bool:
+    """Search-R1's format check on a response: blocks in the order think? (search information
+    think?)* answer, with nothing but whitespace between them (an invalid-action message breaks it)."""
+    names, end = [], 0
+    for m in _BLOCK.finditer(response or ""):
+        if response[end:m.start()].strip():
+            return False
+        names.append(m.group(1))
+        end = m.end()
+    if response is None or response[end:].strip():
+        return False
+    return bool(_VALID_ORDER.match("".join(n + " " for n in names)))
+
+
+def format_reward(response: str, golden_answers: list[str]) -> float:
+    """Search-R1 v0.3: right and well formed 1, right 0.8, wrong but well formed 0.2, wrong 0.1,
+    no answer at all 0 (right = exact match of the last answer block)."""
+    answer = extract_answer(response)
+    if answer is None:
+        return 0.0
+    right, valid = exact_match(answer, golden_answers) == 1.0, valid_format(response)
+    return {(True, True): 1.0, (True, False): 0.8, (False, True): 0.2, (False, False): 0.1}[(right, valid)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .curriculum import draw_noisy
 from .prompts import render_simulator_prompt, simulator_user_message
 from .reward import normalize_answer
 from .rollout import HFBackend
@@ -97,7 +98,7 @@ class SimulatedEngine:
 def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):
     """The rollout hook for RL: one independent noisy draw per search call (DESIGN §5)."""
     def search_fn(queries, trajs):
-        noisy = (torch.rand(len(queries), generator=rng) < noise_probability).tolist()
+        noisy = draw_noisy(len(queries), noise_probability, rng)
         docs = engine.search(queries, topk, noisy=noisy, questions=[t.question for t in trajs],
                              answers=[t.golden_answers[0] for t in trajs])
         return docs, noisy

@@ -1,0 +1,156 @@
+"""RL algorithms as pure tensor functions (DESIGN §7, verl's conventions).
+
+Shapes are ``[batch, tokens]`` over the response, with ``mask`` (the loss mask) of the same shape:
+1 on tokens the policy generated, 0 on everything else (``<information>`` blocks, invalid-action
+messages, padding). A sequence's score sits on its last mask-1 token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_KINDS = ("k1", "abs", "k2", "k3", "low_var_kl")
+
+
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce per-token losses to a scalar over mask-1 tokens."""
+    mask = mask.to(values.dtype)
+    if mode == "token-mean":
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    per_seq = (values * mask).sum(-1)
+    if mode == "seq-mean-token-sum":
+        return per_seq.mean()
+    if mode == "seq-mean-token-mean":
+        return (per_seq / mask.sum(-1).clamp(min=1)).mean()
+    raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over mask-1 entries (unbiased variance); 0 elsewhere."""
+    mask = mask.to(values.dtype)
+    n = mask.sum()
+    mean = (values * mask).sum() / n
+    var = (((values - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def last_token_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token rewards: each sequence's score on its last mask-1 token, 0 elsewhere."""
+    rewards = torch.zeros_like(mask, dtype=scores.dtype)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), positions, -1).max(-1).values
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    rewards[rows, last[rows]] = scores[rows]
+    return rewards
+
+
+def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, its group's mean and unbiased std; a group of one has mean 0 and std 1."""
+    mean, std = torch.zeros_like(scores), torch.ones_like(scores)
+    for g in torch.unique(group_ids):
+        rows = group_ids == g
+        if rows.sum() > 1:
+            mean[rows] = scores[rows].mean()
+            std[rows] = scores[rows].std()
+    return mean, std
+
+
+def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor,
+                    norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (s_i - mean_g) / (std_g + eps), the same on every mask-1 token of sequence i."""
+    mean, std = _group_stats(scores, group_ids)
+    adv = scores - mean
+    if norm_by_std:
+        adv = adv / (std + eps)
+    return adv.unsqueeze(-1) * mask.to(scores.dtype)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Returns scanned backwards over mask-1 tokens; a mask-0 token stores 0 and passes the
+    running return through unchanged (resetting it there was a bug in older verl)."""
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    m = mask.to(token_rewards.dtype)
+    for t in reversed(range(token_rewards.shape[1])):
+        updated = token_rewards[:, t] + gamma * running
+        running = m[:, t] * updated + (1 - m[:, t]) * running
+        returns[:, t] = running * m[:, t]
+    return returns
+
+
+def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++: discounted returns, whitened over every mask-1 token of the batch."""
+    return masked_whiten(discounted_returns(token_rewards, mask, gamma), mask)
+
+
+def reinforce_pp_baseline_advantages(scores: torch.Tensor, group_ids: torch.Tensor,
+                                     mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++-baseline: s_i - mean_g on every mask-1 token, then batch whitening."""
+    mean, _ = _group_stats(scores, group_ids)
+    return masked_whiten((scores - mean).unsqueeze(-1) * mask.to(scores.dtype), mask)
+
+
+def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation that steps over mask-0 tokens (their value and advantage
+    are skipped, not reset). Returns (whitened advantages, returns = raw advantages + values)."""
+    m = mask.to(values.dtype)
+    next_value = torch.zeros_like(values[:, 0])
+    last_gae = torch.zeros_like(values[:, 0])
+    raw = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        gae = delta + gamma * lam * last_gae
+        next_value = m[:, t] * values[:, t] + (1 - m[:, t]) * next_value
+        last_gae = m[:, t] * gae + (1 - m[:, t]) * last_gae
+        raw[:, t] = last_gae
+    returns = (raw + values) * m
+    return masked_whiten(raw, mask), returns
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0,
+                agg: str = "token-mean") -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate with the dual clip for negative advantages.
+
+    L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); for A < 0, L = min(L, -A c).
+    Returns (loss, {"clip_frac", "approx_kl"}) with the statistics over mask-1 tokens.
+    """
+    log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
+    stats = {"clip_frac": agg_loss((clipped > unclipped).float(), mask).item(),
+             "approx_kl": agg_loss(-log_ratio, mask).item()}
+    return agg_loss(loss, mask, agg), stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.5, agg: str = "token-mean") -> torch.Tensor:
+    """½ max((v - R)², (clip(v, v_old ± clip) - R)²), aggregated over mask-1 tokens."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return agg_loss(loss, mask, agg)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
+    """Per-token KL estimate to the reference (added to the loss with a plus sign)."""
+    delta = logprobs - ref_logprobs
+    if kind == "k1":
+        return delta
+    if kind == "abs":
+        return delta.abs()
+    if kind == "k2":
+        return 0.5 * delta ** 2
+    if kind in ("k3", "low_var_kl"):
+        x = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+        return torch.clamp(torch.exp(x) - x - 1, -10.0, 10.0)
+    raise ValueError(f"kl kind must be one of {', '.join(KL_KINDS)}, got {kind!r}")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z, per position."""
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)

@@ -1,0 +1,36 @@
+"""The noise curriculum (DESIGN §5): the share of search calls served noisy documents rises
+over training, from easy (mostly useful documents) to hard.
+
+    p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s),   i = 1..m
+
+``b`` above 1 keeps p low for longer and rises late; ``b == 1`` is the linear limit. A constant
+schedule (always ``p_end``) is there for ablations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCHEDULES = ("exp", "linear", "constant")
+
+
+def noise_probability(step: int, total_steps: int, p_start: float = 0.0, p_end: float = 0.5,
+                      base: float = 4.0, schedule: str = "exp") -> float:
+    """The probability that a search call at ``step`` (counted from 1) gets noisy documents."""
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step must be in 1..{total_steps} (it counts from 1), got {step}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return p_end
+    fraction = step / total_steps
+    if schedule == "linear" or base == 1:
+        return p_start + fraction * (p_end - p_start)
+    if base <= 0:
+        raise ValueError(f"base must be positive, got {base}")
+    return p_start + (base ** fraction - 1) / (base - 1) * (p_end - p_start)
+
+
+def draw_noisy(n_calls: int, probability: float, generator: torch.Generator) -> list[bool]:
+    """One independent draw per search call; all documents of a call share its quality."""
+    return (torch.rand(n_calls, generator=generator) < probability).tolist()
