@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--outputs", default=None, help="read models and data from outputs/<this> (default: the profile's)")
     ap.add_argument("--questions", type=int, default=128)
     ap.add_argument("--per-row", type=int, default=32, help="rows for the (slow) per-row loop")
+    ap.add_argument("--tokens-per-turn", type=int, default=None,
+                    help="override rollout.max_tokens_per_turn (tiny: 48; the original allows 500)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     P = config.load_profile(args.profile, {"name": args.outputs} if args.outputs else None)
@@ -47,6 +49,8 @@ def main() -> None:
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)
     fn = rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"), P.search.topk)
     cfg = P.rollout
+    if args.tokens_per_turn:
+        cfg.max_tokens_per_turn = args.tokens_per_turn
     print(f"device: {model.device}, threads: {torch.get_num_threads()}, policy: {P.policy_path}, "
           f"max_turns {cfg.max_turns}, tokens/turn {cfg.max_tokens_per_turn}, batch {cfg.batch_size}")
 
