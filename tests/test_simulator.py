@@ -118,3 +118,22 @@ def test_simulator_search_fn_passes_each_rows_question_answer_and_noisy_draw():
         assert flags == expected and engine.seen == (["xo", "y"], 3, expected, ["Where was Xo born?", "Who wrote Y?"],
                                                      ["Tavin", "Mern"])
         assert docs == [[Doc("xo", "x")], [Doc("y", "x")]]
+
+
+def test_evaluate_engine_counts_answers_per_kind_and_parse_rate():
+    from zslib.simulator import evaluate_engine
+
+    triples = [{"query": f"q{i}", "question": f"Q{i}?", "golden_answers": [f"Ans{i}"]} for i in range(10)]
+
+    def search(queries, noisy, questions, answers):
+        # useful calls: the answer in 8 of 10; noisy calls: in 1 of 10; 3 of the 20 outputs malformed
+        docs, ok = [], []
+        for q, bad, a in zip(queries, noisy, answers):
+            i = int(q[1:])
+            holds = (i == 0) if bad else (i < 8)
+            docs.append([Doc("t", f"text {a if holds else 'other'}")])
+            ok.append(not (bad and i < 3))
+        return docs, ok
+
+    r = evaluate_engine(search, triples, topk=1)
+    assert r == {"useful_contains_answer": 0.8, "noisy_contains_answer": 0.1, "parse_rate": 17 / 20, "n": 10}
