@@ -13,6 +13,7 @@ A malformed row is an error naming the file and row; no row is dropped silently.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import datasets
@@ -126,8 +127,6 @@ def load_for_profile(profile, name: str, split: str) -> datasets.Dataset:
 def sample_questions(profile, names: list[str], split: str, n: int, seed: int) -> list[dict]:
     """Up to ``n`` questions drawn at random from the named sets' ``split`` (ids made
     unique as ``<set>/<id>``). The same seed draws the same questions in the same order."""
-    import random
-
     rows = []
     for name in names:
         rows += [{**r, "id": f"{name}/{r['id']}"} for r in load_for_profile(profile, name, split).to_list()]

@@ -175,7 +175,8 @@ def without_titles(pairs: list[dict], titles: set[str]) -> list[dict]:
     out = []
     for p in pairs:
         kept = {**p, "docs": [d for d in p["docs"] if d[0] not in titles]}
-        lost_answer = p["useful"] and judge_contains([p])[0] and not judge_contains([kept])[0]
+        lost_answer = (p["useful"] and contains_answer(_docs(p), p["golden_answers"])
+                       and not contains_answer(_docs(kept), p["golden_answers"]))
         if kept["docs"] and not lost_answer:
             out.append(kept)
     return out

@@ -56,8 +56,11 @@ class HFBackend:
         out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
                                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, top_k=None, **sampling)
         new = out[:, width:].tolist()
-        self.generated_tokens += sum(len(self._trim(row, at_stop=self.stop_in_generate)) for row in new)
-        return [self._trim(row) for row in new]
+        trimmed = [self._trim(row) for row in new]
+        # Generation stopped at the stop string, or ran on to EOS or the limit and was cut here.
+        produced = trimmed if self.stop_in_generate else [self._trim(row, at_stop=False) for row in new]
+        self.generated_tokens += sum(len(row) for row in produced)
+        return trimmed
 
     def _trim(self, row: list[int], at_stop: bool = True) -> list[int]:
         """Cut after the first stop string (with ``at_stop``) or EOS: ``generate`` pads rows that

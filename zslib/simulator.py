@@ -54,8 +54,11 @@ class SimulatedEngine:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.variant = variant or cfg.prompt
         self._backends: dict[int, HFBackend] = {}
-        self.generated_tokens = 0
         self.calls = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(b.generated_tokens for b in self._backends.values())
 
     def _backend(self, k: int) -> HFBackend:
         # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
@@ -76,7 +79,6 @@ class SimulatedEngine:
         for i in range(0, len(prompts), self.cfg.batch_calls):
             chunk = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + self.cfg.batch_calls]]
             out = self._backend(topk).generate(chunk, self.cfg.max_new_tokens, temperature, self.cfg.top_p)
-            self.generated_tokens += sum(len(o) for o in out)
             texts += [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
         self.calls += len(prompts)
         return texts
