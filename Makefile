@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/rollout.py --outputs bench-tiny
+	$(PY) benchmarks/rl_step.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -138,6 +138,49 @@ class SimulatorConfig:
 
 
 @dataclass
+class RLConfig:
+    """Step 4: curriculum RL against the simulator (DESIGN §5-7). Defaults are the tiny profile's."""
+    algorithm: str = "grpo"           # grpo | ppo | reinforce_pp | reinforce_pp_baseline
+    steps: int = 100                  # m, the curriculum's length too
+    questions_per_step: int = 8
+    group_size: int = 8               # rollouts per question (GRPO's group)
+    max_hops: int = 0                 # > 0: train only on questions with at most this many hops
+    engine: str = "simulator"         # simulator | bm25 (the real engine, for comparison)
+    reward: str = "f1"                # f1 | em | format
+    loss_mask: bool = True            # False: <information> tokens get gradient too (ablation)
+    curriculum: str = "exp"           # exp | linear | constant
+    p_start: float = 0.0
+    p_end: float = 0.5
+    base: float = 4.0
+    lr: float = 1.0e-4
+    critic_lr: float = 1.0e-4
+    warmup_steps: int = 5
+    ppo_epochs: int = 1
+    mini_batch_size: int = 32         # trajectories per optimizer step
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_c: float = 3.0
+    agg: str = "token-mean"
+    kl_coef: float = 0.001
+    kl_kind: str = "low_var_kl"
+    entropy_coef: float = 0.001
+    gamma: float = 1.0
+    lam: float = 1.0
+    value_clip: float = 0.5
+    norm_by_std: bool = True
+    lora: bool = False                # GPU profiles: a LoRA policy, reference = adapter disabled
+    lora_r: int = 16
+    lora_alpha: int = 32
+    critic_model: str | None = None   # PPO critic backbone; None: a copy of the policy base
+    bf16_autocast: bool = False       # log-probs and updates under bf16 autocast (GPU profiles; slower on this CPU)
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    samples_per_step: int = 2         # trajectories written to samples.jsonl each step
+    eval_size: int = 300              # held-out questions for the final greedy evaluation
+
+
+@dataclass
 class Profile:
     name: str = "tiny"
     seed: int = 0
@@ -150,6 +193,7 @@ class Profile:
     collect: CollectConfig = field(default_factory=CollectConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def is_tiny(self) -> bool:
@@ -188,6 +232,11 @@ class Profile:
     def simulator_dir(self) -> Path:
         """The fine-tuned simulator (LoRA adapter or full weights) and its evaluation."""
         return self.out / "simulator"
+
+    @property
+    def rl_dir(self) -> Path:
+        """Notebook 04's run: metrics, samples, checkpoints, the trained policy and its evaluation."""
+        return self.out / "rl"
 
     @property
     def corpus_path(self) -> Path:

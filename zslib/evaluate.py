@@ -5,7 +5,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from .reward import cover_exact_match, exact_match, f1_score
-from .rollout import rollout
+from .rollout import HFBackend, engine_search_fn, rollout
 
 
 def retrieval_recall(engine, rows: list[dict], topk: int, batch_size: int = 256) -> float:
@@ -38,3 +38,23 @@ def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temper
     for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc):
         trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
     return score_trajectories(trajs), trajs
+
+
+def heldout_questions(profile, n: int | None = None) -> list[dict]:
+    """The held-out questions every policy evaluation uses: the first ``n`` (default
+    ``data.eval_size``) 1-hop questions of the first evaluation set's test split."""
+    from .data import EVAL_SPLIT, load_for_profile
+
+    name = profile.data.eval_sets[0]
+    rows = load_for_profile(profile, name, EVAL_SPLIT[name]).to_list()
+    return [r for r in rows if r.get("hops", 1) == 1][: n or profile.data.eval_size]
+
+
+def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate") -> dict:
+    """A policy's greedy scores with a real engine (validation never uses the simulator, DESIGN §5)."""
+    was_training = model.training
+    model.eval()
+    scores, _ = evaluate_policy(HFBackend(model, tokenizer), tokenizer, rows,
+                                engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc)
+    model.train(was_training)
+    return scores

@@ -14,8 +14,7 @@ def loss_curves(logs: dict[str, list[dict]], smooth: int = 20):
     for name, rows in logs.items():
         steps = [r["step"] for r in rows]
         loss = [r["loss"] for r in rows]
-        avg = [sum(loss[max(0, i - smooth + 1):i + 1]) / len(loss[max(0, i - smooth + 1):i + 1]) for i in range(len(loss))]
-        line, = ax.plot(steps, avg, label=name)
+        line, = ax.plot(steps, _moving_average(loss, smooth), label=name)
         starts = [r["step"] for prev, r in zip(rows, rows[1:]) if r.get("phase") != prev.get("phase")]
         for x in starts:  # where a new pretraining phase begins (e.g. after the copy warm-up)
             ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
@@ -83,3 +82,57 @@ def label_stats(stats: dict):
     ax.invert_yaxis()
     fig.tight_layout()
     return fig
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
+    """The curriculum's noise probability per step (``scheduled(step)`` over the whole run) with
+    the realised share of noisy search calls on top (moving average over ``smooth`` steps)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    total = max((m["step"] for m in metrics), default=1)
+    steps = list(range(1, total + 1))
+    ax.plot(steps, [scheduled(s) for s in steps], label="scheduled p(step)", color="black")
+    ax.plot([m["step"] for m in metrics], _moving_average([m["noisy_share"] for m in metrics], smooth),
+            label=f"realised noisy share ({smooth}-step mean)", color="tab:red", alpha=0.8)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("share of noisy calls")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), ("searches_per_answer",),
+                                                   ("kl", "entropy")), smooth: int = 10):
+    """One panel per group of metric keys, one line per (run, key), moving averages over steps."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, keys in zip(axes, panels):
+        for name, metrics in runs.items():
+            for key in keys:
+                label = key if len(runs) == 1 else f"{name}: {key}"
+                ax.plot([m["step"] for m in metrics], _moving_average([m[key] for m in metrics], smooth), label=label)
+        ax.set_xlabel("RL step")
+        ax.set_title(", ".join(keys), fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) -> str:
+    """A trajectory as HTML: tokens with loss (the policy's own) in black, mask-0 tokens (prompt,
+    <information> blocks, invalid-action messages) greyed out."""
+    import html
+
+    spans, start = [], 0
+    for i in range(1, len(token_ids) + 1):  # decode runs of equal mask, so multi-byte characters stay whole
+        if i == len(token_ids) or loss_mask[i] != loss_mask[start]:
+            text = html.escape(tokenizer.decode(token_ids[start:i]))
+            style = "color:#000;font-weight:600" if loss_mask[start] else "color:#aaa"
+            spans.append(f'<span style="{style}">{text}</span>')
+            start = i
+    return '<pre style="white-space:pre-wrap;font-size:11px">' + "".join(spans) + "</pre>"

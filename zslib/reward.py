@@ -71,10 +71,13 @@ def valid_format(response: str) -> bool:
     return bool(_VALID_ORDER.match("".join(n + " " for n in names)))
 
 
-def format_reward(response: str, golden_answers: list[str]) -> float:
+def format_reward(response: str, golden_answers: list[str], answer: str | None = ...) -> float:
     """Search-R1 v0.3: right and well formed 1, right 0.8, wrong but well formed 0.2, wrong 0.1,
-    no answer at all 0 (right = exact match of the last answer block)."""
-    answer = extract_answer(response)
+    no answer at all 0 (right = exact match of the last answer block). Pass ``answer`` when the
+    response holds text the policy did not write (the invalid-action message shows an example
+    answer block, which must not count)."""
+    if answer is ...:
+        answer = extract_answer(response)
     if answer is None:
         return 0.0
     right, valid = exact_match(answer, golden_answers) == 1.0, valid_format(response)

@@ -1,0 +1,64 @@
+"""Side-by-side RL runs on one profile (issue 4's comparison): each variant trains from the same
+policy base with the same seed into ``outputs/<profile>/rl/compare/<name>/`` (resumable: a finished
+run is only evaluated again), then all are evaluated greedily on the held-out questions with the
+real BM25 engine. Prints a table and writes ``outputs/<profile>/rl/compare/results.json``.
+
+    .venv/bin/python benchmarks/rl_compare.py [--profile tiny] [--runs grpo ppo reinforce_pp grpo-bm25]
+
+A run name is an algorithm, optionally followed by ``-bm25`` (train against the real engine
+instead of the simulator) or ``-nomask`` (no loss mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from zslib import config, evaluate, models, search, simulator, trainer
+
+
+def run_overrides(name: str) -> dict:
+    algorithm, *flags = name.split("-")
+    out = {"rl.algorithm": algorithm}
+    for flag in flags:
+        out.update({"bm25": {"rl.engine": "bm25"}, "nomask": {"rl.loss_mask": False}}[flag])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--runs", nargs="+", default=["grpo", "ppo", "reinforce_pp", "grpo-bm25"])
+    ap.add_argument("--overrides", default="{}", help="JSON dict of dotted keys applied to every run")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    base_profile = config.load_profile(args.profile, json.loads(args.overrides))
+    root = base_profile.rl_dir / "compare"
+    bm25 = search.make_engine(base_profile.search, base_profile.corpus_path, base_profile.out / "bm25")
+    sim = simulator.load_simulator(base_profile)
+    rows = evaluate.heldout_questions(base_profile, base_profile.rl.eval_size)
+    results_path = root / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if "base" not in results:
+        model, tok = models.load_causal_lm(base_profile.policy_path, base_profile.models.dtype)
+        results["base"] = evaluate.greedy_with_engine(model, tok, rows, bm25, base_profile, desc="base")
+    for name in args.runs:
+        P = config.load_profile(args.profile, {**json.loads(args.overrides), **run_overrides(name)})
+        t = trainer.RLTrainer(P, root / name, simulator=sim, bm25=bm25)
+        t.train(resume=True)
+        metrics = [json.loads(line) for line in t.metrics_path.read_text().splitlines()]
+        results[name] = {**evaluate.greedy_with_engine(t.policy, t.tokenizer, rows, bm25, P, desc=name),
+                         "train_minutes": sum(m["seconds"] for m in metrics) / 60,
+                         "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:])}
+        root.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+    print("| run | EM | F1 | cover-EM | searches/q | train min | reward (last 10 steps) |\n|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | {r['searches_per_question']:.2f} | "
+              f"{r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Seconds per RL step on the tiny profile, split into rollout (policy generation), simulator
+(writing documents), log-probs (old, reference, values) and update, with the process's peak memory,
+and the projected time of the notebook's whole training run (target, issue 4: at most 10 minutes
+on 2 cores). Needs notebooks 00-03's models.
+
+    .venv/bin/python benchmarks/rl_step.py [--profile tiny] [--steps 10] [--algorithm grpo] [--engine simulator]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+
+import torch
+
+from zslib import config, trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--algorithm", default=None, help="override rl.algorithm")
+    ap.add_argument("--engine", default=None, help="override rl.engine")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    overrides = {f"rl.{k}": v for k, v in (("algorithm", args.algorithm), ("engine", args.engine)) if v}
+    P = config.load_profile(args.profile, overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        t = trainer.RLTrainer(P, run_dir)
+        metrics = t.train(steps=args.steps, resume=False)
+    # The first step pays for one-off warm-up (kernels, caches): leave it out of the averages.
+    timed = metrics[1:] or metrics
+    mean = {k: sum(m[k] for m in timed) / len(timed)
+            for k in ("seconds", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds",
+                      "response_tokens", "searches_per_answer", "tokens_per_s")}
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rollouts = P.rl.questions_per_step * P.rl.group_size
+    print(f"\n{P.rl.algorithm}, engine {P.rl.engine}, {rollouts} rollouts/step "
+          f"({P.rl.questions_per_step} questions x {P.rl.group_size}), {len(timed)} timed steps, "
+          f"{torch.get_num_threads()} threads")
+    print("| what | value |\n|---|---|")
+    print(f"| seconds per step | {mean['seconds']:.2f} |")
+    for part in ("rollout", "simulator", "logprobs", "update"):
+        print(f"| {part} | {mean[part + '_seconds']:.2f} s ({mean[part + '_seconds'] / mean['seconds']:.0%}) |")
+    print(f"| response tokens per trajectory | {mean['response_tokens']:.1f} |")
+    print(f"| searches per trajectory | {mean['searches_per_answer']:.2f} |")
+    print(f"| response tokens per second | {mean['tokens_per_s']:.0f} |")
+    print(f"| peak memory (process RSS) | {peak_gb:.2f} GB |")
+    print(f"| projected training run ({P.rl.steps} steps) | {P.rl.steps * mean['seconds'] / 60:.1f} min (target <= 10) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The RL trainer on a small model that already follows the protocol: masks reach the loss,
+rewards read only the policy's text, and an interrupted run resumes to the same result."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zslib import algos, trainer
+from zslib.data import read_rows
+from zslib.config import RLConfig, RolloutConfig, load_profile
+from zslib.prompts import INVALID_ACTION
+from zslib.rollout import HFBackend, Trajectory, engine_search_fn, rollout
+
+TIMING = ("seconds", "tokens_per_s", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(protocol_model, tokenizer, tmp_path_factory):
+    model, _ = protocol_model
+    folder = tmp_path_factory.mktemp("policy")
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _profile(policy_dir, **rl):
+    overrides = {"models.policy": str(policy_dir), "rollout.max_turns": 2, "rollout.max_tokens_per_turn": 40,
+                 "rollout.max_obs_tokens": 96}
+    overrides.update({f"rl.{k}": v for k, v in rl.items()})
+    return load_profile("tiny", overrides)
+
+
+def _rollouts(protocol_model, tokenizer, bm25, n=4):
+    model, rows = protocol_model
+    torch.manual_seed(0)
+    return rollout(HFBackend(model, tokenizer), tokenizer, rows[:n], engine_search_fn(bm25, 3),
+                   RolloutConfig(max_turns=2, max_tokens_per_turn=40, max_obs_tokens=96), temperature=0.0)
+
+
+def test_batch_tensors_shift_the_loss_mask_and_the_ablation_trains_documents(protocol_model, tokenizer, bm25):
+    trajs = _rollouts(protocol_model, tokenizer, bm25)
+    assert any(t.calls for t in trajs), "the model searches, so there are <information> blocks"
+    on = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=True)
+    off = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=False)
+    for r, t in enumerate(trajs):
+        n = len(t.token_ids)
+        assert on["mask"][r, :n - 1].tolist() == t.loss_mask[1:]
+        assert on["mask"][r, n - 1:].sum() == 0 and off["mask"][r, n - 1:].sum() == 0, "padding never trains"
+        assert off["mask"][r, :t.prompt_len - 1].sum() == 0, "the prompt never trains"
+        assert off["mask"][r, t.prompt_len - 1:n - 1].sum() == n - t.prompt_len, "every response token trains"
+        assert on["input_ids"][r, :n].tolist() == t.token_ids
+    assert on["input_ids"].shape[1] % 64 == 0
+
+
+def test_right_padding_needs_no_attention_mask(protocol_model, tokenizer, bm25):
+    """Log-probs of a padded batch equal each row's log-probs computed alone."""
+    trajs = _rollouts(protocol_model, tokenizer, bm25)
+    batch = trainer.batch_tensors(trajs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        together, _ = trainer.token_logprobs(protocol_model[0], batch["input_ids"])
+        for r, t in enumerate(trajs):
+            alone, _ = trainer.token_logprobs(protocol_model[0], torch.tensor([t.token_ids]))
+            assert torch.allclose(together[r, :len(t.token_ids) - 1], alone[0], atol=1e-5)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Stands in for a model: returns trainable logits, so their gradient can be read per token."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.logits)
+
+
+@pytest.mark.parametrize("loss_mask", [True, False])
+def test_information_tokens_get_no_gradient_with_the_loss_mask(protocol_model, tokenizer, bm25, loss_mask):
+    trajs = _rollouts(protocol_model, tokenizer, bm25)
+    batch = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=loss_mask)
+    ids, mask = batch["input_ids"], batch["mask"]
+    with torch.no_grad():
+        real = protocol_model[0](input_ids=ids).logits
+    fixed = _FixedLogits(real.clone())
+    logp, entropy = trainer.token_logprobs(fixed, ids, with_entropy=True)
+    assert torch.allclose(entropy, algos.entropy_from_logits(real[:, :-1]), atol=1e-4)
+    old = logp.detach() + 0.05 * torch.randn_like(logp)   # ratios away from 1, as after an update
+    ref = logp.detach() + 0.1 * torch.randn_like(logp)
+    adv = torch.randn(len(trajs), 1).expand_as(mask) * mask
+    loss, _ = trainer.rl_loss(RLConfig(kl_coef=0.1, entropy_coef=0.01), logp, entropy, old, ref, adv, mask)
+    loss.backward()
+    grad = fixed.logits.grad[:, :-1].abs().sum(-1)  # position j predicts token j + 1, like mask[:, j]
+
+    # Which positions predict a token inside an <information> block (tags included)?
+    in_info = torch.zeros_like(mask, dtype=torch.bool)
+    for r, t in enumerate(trajs):
+        text_upto = [tokenizer.decode(t.token_ids[t.prompt_len:j + 1]) for j in range(t.prompt_len, len(t.token_ids))]
+        for j, text in zip(range(t.prompt_len, len(t.token_ids)), text_upto):
+            inside = text.count("<information>") > text.count("</information>")
+            closing = text.endswith("</information>")
+            in_info[r, j - 1] = inside or closing
+    assert in_info.any()
+    if loss_mask:
+        assert grad[mask == 0].max() == 0, "no gradient reaches a token the policy did not write"
+        assert grad[in_info].max() == 0
+        assert (grad[mask == 1] > 0).float().mean() > 0.9
+    else:
+        assert (grad[in_info] > 0).float().mean() > 0.9, "the ablation trains the documents"
+
+
+def test_reward_reads_only_the_policy_text(tokenizer):
+    """The invalid-action message shows '<answer> answer </answer>': it must not score."""
+    t = Trajectory("q", ["answer"])
+    t.extend(tokenizer("prompt", add_special_tokens=False)["input_ids"], from_policy=False)
+    t.prompt_len = len(t.token_ids)
+    t.extend(tokenizer("thinking only", add_special_tokens=False)["input_ids"], from_policy=True)
+    t.turns.append("thinking only")
+    t.extend(tokenizer(INVALID_ACTION, add_special_tokens=False)["input_ids"], from_policy=False)
+    for reward in ("f1", "em", "format"):
+        assert trainer.trajectory_score(t, reward, tokenizer) == 0.0
+    t.turns.append("<answer> The Answer </answer>")
+    assert trainer.trajectory_score(t, "em", tokenizer) == 1.0
+    assert trainer.trajectory_score(t, "f1", tokenizer) == 1.0
+
+
+def _run(profile, run_dir, bm25, rows, simulator=None, steps=None, resume=True):
+    t = trainer.RLTrainer(profile, run_dir, questions=rows, bm25=bm25, simulator=simulator)
+    t.train(steps=steps, resume=resume)
+    return t
+
+
+def _deterministic(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+@pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
+def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, protocol_model, tokenizer, bm25,
+                                                                   tmp_path, algorithm, engine):
+    model, rows = protocol_model
+    profile = _profile(policy_dir, algorithm=algorithm, engine=engine, steps=4, questions_per_step=2,
+                       group_size=3, mini_batch_size=4, checkpoint_every=2, curriculum="linear",
+                       p_start=0.0, p_end=1.0, lr=1e-3, critic_lr=1e-3)
+    # The protocol model stands in for the simulator: its documents are nonsense, the calls are real.
+    simulator = (model, tokenizer) if engine == "simulator" else None
+    whole = _run(profile, tmp_path / "whole", bm25, rows, simulator)
+    whole_metrics = read_rows(whole.metrics_path)
+    assert [m["step"] for m in whole_metrics] == [1, 2, 3, 4]
+
+    _run(profile, tmp_path / "cut", bm25, rows, simulator, steps=3)      # "interrupted" after step 3
+    (tmp_path / "cut" / "checkpoints" / "step-000003.tmp").mkdir()        # and mid-way through a save
+    resumed = _run(profile, tmp_path / "cut", bm25, rows, simulator)     # restarts from step 2
+    assert _deterministic(read_rows(resumed.metrics_path)) == _deterministic(whole_metrics)
+    for a, b in zip(whole.policy.state_dict().values(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    if engine == "simulator":
+        assert all(m["noise_prob"] == pytest.approx(m["step"] / 4) for m in whole_metrics)
+        assert whole_metrics[-1]["noisy_share"] == 1.0, "p = 1 at the last step: every call is noisy"
+    if algorithm == "ppo":
+        assert all("value_loss" in m for m in whole_metrics)
+        for a, b in zip(whole.critic.state_dict().values(), resumed.critic.state_dict().values()):
+            assert torch.equal(a, b)
+    assert len(resumed.checkpoints()) == 2 and resumed.checkpoints()[-1].name == "step-000004"
+    samples = read_rows(resumed.samples_path)
+    assert sorted({s["step"] for s in samples}) == [1, 2, 3, 4]
+    assert all(len(s["token_ids"]) == len(s["loss_mask"]) for s in samples)
+
+
+def test_unknown_algorithm_is_named(policy_dir, bm25, protocol_model):
+    with pytest.raises(ValueError, match="rl.algorithm must be one of grpo, ppo"):
+        trainer.RLTrainer(_profile(policy_dir, algorithm="dpo", engine="bm25"), questions=protocol_model[1], bm25=bm25)
+
+
+def test_masked_html_greys_exactly_the_mask_0_tokens(tokenizer):
+    import html
+    import re
+
+    from zslib.plots import masked_tokens_html
+
+    parts = [("<|im_start|>user\nQ?<|im_end|>", 0), ("<search> Xo born </search>", 1),
+             ("\n\n<information>Doc 1(Title: Xo) Xo & Yi.</information>\n\n", 0), ("<answer> Yi </answer>", 1)]
+    ids, mask = [], []
+    for text, m in parts:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, mask = ids + piece, mask + [m] * len(piece)
+    out = masked_tokens_html(tokenizer, ids, mask)
+    grey = "".join(html.unescape(t) for t in re.findall(r'<span style="color:#aaa">(.*?)</span>', out, re.DOTALL))
+    black = "".join(html.unescape(t) for t in re.findall(r'<span style="color:#000;[^"]*">(.*?)</span>', out, re.DOTALL))
+    assert grey == parts[0][0] + parts[2][0]
+    assert black == parts[1][0] + parts[3][0]
