@@ -71,7 +71,7 @@ class _FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **_):
         return SimpleNamespace(logits=self.logits)
 
 
@@ -134,13 +134,14 @@ def _deterministic(metrics):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
 
 
-@pytest.mark.parametrize("algorithm,engine", [("grpo", "bm25"), ("ppo", "simulator")])
+@pytest.mark.parametrize("algorithm,engine,lora", [("grpo", "bm25", False), ("ppo", "simulator", False),
+                                                  ("reinforce_pp", "bm25", True)])
 def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, protocol_model, tokenizer, bm25,
-                                                                   tmp_path, algorithm, engine):
+                                                                   tmp_path, algorithm, engine, lora):
     model, rows = protocol_model
     profile = _profile(policy_dir, algorithm=algorithm, engine=engine, steps=4, questions_per_step=2,
                        group_size=3, mini_batch_size=4, checkpoint_every=2, curriculum="linear",
-                       p_start=0.0, p_end=1.0, lr=1e-3, critic_lr=1e-3)
+                       p_start=0.0, p_end=1.0, lr=1e-3, critic_lr=1e-3, lora=lora, lora_r=4)
     # The protocol model stands in for the simulator: its documents are nonsense, the calls are real.
     simulator = (model, tokenizer) if engine == "simulator" else None
     whole = _run(profile, tmp_path / "whole", bm25, rows, simulator)
@@ -160,6 +161,14 @@ def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, pro
         assert all("value_loss" in m for m in whole_metrics)
         for a, b in zip(whole.critic.state_dict().values(), resumed.critic.state_dict().values()):
             assert torch.equal(a, b)
+    if lora:  # the adapter learned, and the reference (adapter disabled) is still the base
+        assert whole_metrics[-1]["kl"] > 0
+        saved = resumed.save_policy(tmp_path / "merged")
+        merged = type(model).from_pretrained(str(saved))
+        ids = torch.tensor([tokenizer("Question: who?")["input_ids"]])
+        with torch.no_grad():
+            assert torch.allclose(merged(input_ids=ids).logits, resumed.policy(input_ids=ids).logits, atol=1e-4)
+            assert not torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
     assert len(resumed.checkpoints()) == 2 and resumed.checkpoints()[-1].name == "step-000004"
     samples = read_rows(resumed.samples_path)
     assert sorted({s["step"] for s in samples}) == [1, 2, 3, 4]
@@ -188,3 +197,14 @@ def test_masked_html_greys_exactly_the_mask_0_tokens(tokenizer):
     black = "".join(html.unescape(t) for t in re.findall(r'<span style="color:#000;[^"]*">(.*?)</span>', out, re.DOTALL))
     assert grey == parts[0][0] + parts[2][0]
     assert black == parts[1][0] + parts[3][0]
+
+
+def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
+    trainer._keep_until(path, 2)
+    assert read_rows(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        trainer._keep_until(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n', "nothing is lost on error"

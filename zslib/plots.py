@@ -84,8 +84,11 @@ def label_stats(stats: dict):
     return fig
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+def _moving_average(values: list[float], window: int, centered: bool = False) -> list[float]:
+    """Mean over the last ``window`` values, or over a window centred on each value (no lag)."""
+    back = window // 2 if centered else window - 1
+    ahead = window - 1 - back if centered else 0
+    return [sum(values[max(0, i - back):i + ahead + 1]) / len(values[max(0, i - back):i + ahead + 1])
             for i in range(len(values))]
 
 
@@ -96,8 +99,10 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
     total = max((m["step"] for m in metrics), default=1)
     steps = list(range(1, total + 1))
     ax.plot(steps, [scheduled(s) for s in steps], label="scheduled p(step)", color="black")
-    ax.plot([m["step"] for m in metrics], _moving_average([m["noisy_share"] for m in metrics], smooth),
-            label=f"realised noisy share ({smooth}-step mean)", color="tab:red", alpha=0.8)
+    steps_run, shares = [m["step"] for m in metrics], [m["noisy_share"] for m in metrics]
+    ax.scatter(steps_run, shares, s=8, color="tab:red", alpha=0.35, label="realised noisy share per step")
+    ax.plot(steps_run, _moving_average(shares, smooth, centered=True),
+            label=f"realised, centred {smooth}-step mean", color="tab:red")
     ax.set_xlabel("RL step")
     ax.set_ylabel("share of noisy calls")
     ax.legend()

@@ -147,10 +147,19 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _keep_until(path: Path, step: int) -> None:
-    """Drop the lines a run wrote after its last checkpoint (it is resumed from there)."""
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    """Drop the lines a run wrote after its last checkpoint (it is resumed from there), and a last
+    line cut off mid-write by the interruption."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}, line {n}: not valid JSON, and not the last line") from None
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
 
 # ---------------------------------------------------------------- the trainer
