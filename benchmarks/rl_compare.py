@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from zslib import config, evaluate, models, search, simulator, trainer
+from zslib import config, data, evaluate, models, search, simulator, trainer
 
 
 def run_overrides(name: str) -> dict:
@@ -48,7 +48,7 @@ def main() -> None:
         P = config.load_profile(args.profile, {**json.loads(args.overrides), **run_overrides(name)})
         t = trainer.RLTrainer(P, root / name, simulator=sim, bm25=bm25)
         t.train(resume=True)
-        metrics = [json.loads(line) for line in t.metrics_path.read_text().splitlines()]
+        metrics = data.read_rows(t.metrics_path)
         results[name] = {**evaluate.greedy_with_engine(t.policy, t.tokenizer, rows, bm25, P, desc=name),
                          "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                          "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:])}

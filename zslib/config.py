@@ -139,7 +139,8 @@ class SimulatorConfig:
 
 @dataclass
 class RLConfig:
-    """Step 4: curriculum RL against the simulator (DESIGN §5-7). Defaults are the tiny profile's."""
+    """Step 4: curriculum RL against the simulator (DESIGN §5-7); each profile's ``rl:`` section
+    sizes the run (tiny: about 10 minutes on 2 cores; GPU profiles: the original's values)."""
     algorithm: str = "grpo"           # grpo | ppo | reinforce_pp | reinforce_pp_baseline
     steps: int = 100                  # m, the curriculum's length too
     questions_per_step: int = 8
