@@ -51,13 +51,23 @@ def main() -> None:
         metrics = data.read_rows(t.metrics_path)
         results[name] = {**evaluate.greedy_with_engine(t.policy, t.tokenizer, rows, bm25, P, desc=name),
                          "train_minutes": sum(m["seconds"] for m in metrics) / 60,
-                         "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:])}
+                         "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:]),
+                         "searched_again_after_noisy": _late_mean(metrics, "searched_again_after_noisy")}
         root.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
-    print("| run | EM | F1 | cover-EM | searches/q | train min | reward (last 10 steps) |\n|---|---|---|---|---|---|---|")
+    print("| run | EM | F1 | cover-EM | searches/q | train min | reward (last 10 steps) | searched again after noisy |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        again = r.get("searched_again_after_noisy")
         print(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | {r['searches_per_question']:.2f} | "
-              f"{r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} |")
+              f"{r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} | "
+              f"{'' if again is None else f'{again:.2f}'} |")
+
+
+def _late_mean(metrics: list[dict], key: str) -> float | None:
+    """Mean of a metric over the second half of training, skipping steps where it is undefined."""
+    values = [m[key] for m in metrics[len(metrics) // 2:] if m.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 if __name__ == "__main__":

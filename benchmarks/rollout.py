@@ -1,11 +1,13 @@
-"""Multi-turn rollout speed on the tiny policy base: three ways to run the same greedy rollouts.
+"""Multi-turn rollout speed on the tiny policy base: four ways to run the same greedy rollouts.
 
-1. batched: all rows together, generation stops at ``</search>``/``</answer>`` (``zslib.rollout``);
+1. batched: all rows together, generation stops at ``</search>``/``</answer>`` (``zslib.rollout``),
+   and each turn encodes only the tokens appended since the last (the KV cache is kept);
 2. per-row: the same loop, one row at a time;
 3. generate-to-max: batched, but each turn generates to EOS or the token limit and is cut at the
-   stop string afterwards, as the original code does.
+   stop string afterwards, as the original code does;
+4. batched without the kept cache: every turn encodes the whole context again.
 
-Greedy decoding makes all three produce the same trajectories (checked), so the ratios compare
+Greedy decoding makes all four produce the same trajectories (checked), so the ratios compare
 cost alone. Ratios come from one run on this machine. Needs notebook 00's policy base.
 Targets (issue 3): batched >= 5x the per-row loop in trajectories/s, and >= 2x fewer generated
 tokens than generate-to-max.
@@ -24,13 +26,14 @@ from zslib import config, data, models, rollout, search
 
 
 def run(backend, tokenizer, rows, search_fn, cfg, batch_size):
-    start, tokens0 = time.time(), backend.generated_tokens
+    start, tokens0, prefill0 = time.time(), backend.generated_tokens, backend.prefilled_tokens
     trajs = []
     for i in range(0, len(rows), batch_size):
         trajs += rollout.rollout(backend, tokenizer, rows[i:i + batch_size], search_fn, cfg, temperature=0.0)
     seconds = time.time() - start
     return trajs, {"seconds": seconds, "traj_per_s": len(rows) / seconds,
-                   "generated_tokens": backend.generated_tokens - tokens0, "n": len(rows)}
+                   "generated_tokens": backend.generated_tokens - tokens0,
+                   "prefilled_tokens": backend.prefilled_tokens - prefill0, "n": len(rows)}
 
 
 def main() -> None:
@@ -59,21 +62,26 @@ def main() -> None:
     run(stop, tok, rows[:8], fn, cfg, 8)  # warm-up
     batched, b = run(stop, tok, rows, fn, cfg, cfg.batch_size)
     full, m = run(to_max, tok, rows, fn, cfg, cfg.batch_size)
+    recoded, c = run(rollout.HFBackend(model, tok, reuse_cache=False), tok, rows, fn, cfg, cfg.batch_size)
     single, s = run(rollout.HFBackend(model, tok), tok, rows[:args.per_row], fn, cfg, 1)
 
     same_max = sum(x.token_ids == y.token_ids for x, y in zip(batched, full))
     same_row = sum(x.token_ids == y.token_ids for x, y in zip(batched, single))
     n_b = b["n"]
-    print(f"\n{'method':34s} {'rows':>5s} {'seconds':>8s} {'traj/s':>8s} {'gen tokens/traj':>16s}")
-    for name, r in (("batched, stop strings", b), ("per-row loop, stop strings", s), ("batched, generate to max + cut", m)):
-        print(f"{name:34s} {r['n']:5d} {r['seconds']:8.1f} {r['traj_per_s']:8.2f} {r['generated_tokens'] / r['n']:16.1f}")
+    same_recoded = sum(x.token_ids == y.token_ids for x, y in zip(batched, recoded))
+    print(f"\n{'method':40s} {'rows':>5s} {'seconds':>8s} {'traj/s':>8s} {'gen tokens/traj':>16s} {'encoded/traj':>13s}")
+    for name, r in (("batched, stop strings", b), ("per-row loop, stop strings", s),
+                    ("batched, generate to max + cut", m), ("batched, stop strings, no kept cache", c)):
+        print(f"{name:40s} {r['n']:5d} {r['seconds']:8.1f} {r['traj_per_s']:8.2f} {r['generated_tokens'] / r['n']:16.1f}"
+              f" {r['prefilled_tokens'] / r['n']:13.1f}")
     print(f"\n{'ratio':50s} {'value':>7s} {'target':>7s}")
     print(f"{'batched / per-row (trajectories per second)':50s} {b['traj_per_s'] / s['traj_per_s']:7.2f} {'>= 5':>7s}")
     print(f"{'generate-to-max / batched (generated tokens)':50s} "
           f"{(m['generated_tokens'] / m['n']) / (b['generated_tokens'] / n_b):7.2f} {'>= 2':>7s}")
     print(f"{'batched / generate-to-max (trajectories per second)':50s} {b['traj_per_s'] / m['traj_per_s']:7.2f}")
+    print(f"{'kept cache / none (trajectories per second)':50s} {b['traj_per_s'] / c['traj_per_s']:7.2f}")
     print(f"\nidentical trajectories: batched vs generate-to-max {same_max}/{n_b}, "
-          f"batched vs per-row {same_row}/{s['n']}")
+          f"batched vs per-row {same_row}/{s['n']}, kept cache vs none {same_recoded}/{n_b}")
 
 
 if __name__ == "__main__":

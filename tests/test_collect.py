@@ -12,7 +12,7 @@ class AnsweringBackend:
     def __init__(self, tokenizer, fail_on=None):
         self.tok, self.fail_on, self.n = tokenizer, fail_on, 0
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, max_new_tokens, temperature, top_p, continuing=False):
         self.n += 1
         if self.n == self.fail_on:
             raise KeyboardInterrupt

@@ -10,7 +10,7 @@ class ScriptedBackend:
     def __init__(self, tokenizer, turns_per_row):
         self.tok, self.turns, self.calls = tokenizer, turns_per_row, []
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, max_new_tokens, temperature, top_p, continuing=False):
         self.calls.append(len(prompts))
         out = []
         for p in prompts:
@@ -108,3 +108,17 @@ def test_batched_rollout_equals_per_row_rollout_under_greedy(protocol_model, tok
         alone = rollout(backend, tokenizer, [row], fn, cfg, temperature=0.0)[0]
         assert alone.token_ids == t.token_ids and alone.loss_mask == t.loss_mask
         assert alone.calls == t.calls and alone.answer == t.answer
+
+
+def test_reusing_the_cache_across_turns_changes_no_trajectory(protocol_model, tokenizer, bm25):
+    model, rows = protocol_model
+    fn, cfg = engine_search_fn(bm25, 3), RolloutConfig(max_turns=2)
+    fresh, reused = HFBackend(model, tokenizer, reuse_cache=False), HFBackend(model, tokenizer)
+    expected = rollout(fresh, tokenizer, rows, fn, cfg, temperature=0.0)
+    got = rollout(reused, tokenizer, rows, fn, cfg, temperature=0.0)
+    assert sum(len(t.turns) > 1 for t in got) >= 8  # later turns did continue from the cache
+    for a, b in zip(expected, got):
+        assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask and a.calls == b.calls
+    # Every turn after the first encoded only the tokens appended since the last call.
+    assert reused.prefilled_tokens < 0.7 * fresh.prefilled_tokens
+    assert reused._kept is None  # released when the rollout ended

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,13 +80,22 @@ def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
     assert last < 0.6 * first
 
 
-def test_copy_drills_train_only_the_repeat(tokenizer):
-    drills = tiny.copy_drills(tokenizer, 20, seed=3)
-    assert len({tuple(d.ids) for d in drills}) == 20, "fresh names every time"
+@pytest.mark.parametrize("number_share", [0.0, 0.5])
+def test_copy_drills_train_only_the_repeat(tokenizer, number_share):
+    drills = tiny.copy_drills(tokenizer, 40, seed=3, number_share=number_share)
+    assert len({tuple(d.ids) for d in drills}) == 40, "fresh items every time"
+    items = []
     for d in drills:
         first = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if not m])
         repeat = tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m])
         assert first == repeat + "\n"
+        items += repeat.split(", ")
+    years = [i for i in items if i.isdigit()]
+    assert all(len(y) == 4 for y in years)
+    if number_share == 0:
+        assert not years
+    else:  # 140-odd items: the share of years is 0.5 give or take sampling noise
+        assert 0.35 < len(years) / len(items) < 0.65
 
 
 def test_batches_cover_every_example_once_with_few_shapes():

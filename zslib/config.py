@@ -70,6 +70,8 @@ class TinyConfig:
     policy_steps: int = 900
     simulator_steps: int = 350
     answer_drills: int = 3000        # simulator base: answers to copy from a line above (tiny.answer_drills)
+    simulator_copy_steps: int = 300  # simulator base, phase 3: copying names and years (tiny.answer_copy_phase)
+    simulator_copy_batch_tokens: int = 2048
     batch_tokens: int = 4096         # tokens per optimizer step (padded)
     lr: float = 2e-3
     warmup_steps: int = 30

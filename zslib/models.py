@@ -18,5 +18,36 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str | None =
     return model.to(device).eval(), tokenizer
 
 
+def sdpa_with_grouped_kv(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' SDPA attention, but always letting torch handle grouped key/value heads.
+
+    transformers copies the K/V heads up to the query heads whenever there is a padding mask
+    (CUDA's fast kernels need that), so batched generation on the CPU copied the whole KV cache
+    in every layer at every step: 30% of a rollout's time. Torch's CPU kernel takes the grouped
+    heads and the mask as they are (13x faster for one decoding step of 64 rows, same output).
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=query.shape[2] > 1 and attention_mask is None and causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+GROUPED_SDPA = "sdpa_grouped_kv"
+
+
+def use_grouped_sdpa_on_cpu(model) -> None:
+    """Switch a CPU model from SDPA to ``sdpa_with_grouped_kv`` (a no-op elsewhere)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if model.device.type != "cpu" or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(GROUPED_SDPA, sdpa_with_grouped_kv)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)  # the same masks as SDPA
+    model.set_attn_implementation(GROUPED_SDPA)
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())

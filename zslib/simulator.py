@@ -63,7 +63,7 @@ class SimulatedEngine:
     def _backend(self, k: int) -> HFBackend:
         # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
         if k not in self._backends:
-            self._backends[k] = HFBackend(self.model, self.tokenizer, stop_strings=[f"Doc {k + 1}("])
+            self._backends[k] = HFBackend(self.model, self.tokenizer, stop_strings=[f"Doc {k + 1}("], reuse_cache=False)
         return self._backends[k]
 
     def prompts(self, queries, topk, noisy, questions, answers) -> list[str]:

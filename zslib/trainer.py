@@ -139,6 +139,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -329,6 +333,8 @@ class RLTrainer:
             "em": sum(exact_match(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "searches_per_answer": len(calls) / len(trajs),
+            # Does the policy search again when its first results were noisy? (None: no such rollout)
+            "searched_again_after_noisy": _share([len(t.calls) > 1 for t in trajs if t.calls and t.calls[0]["noisy"]]),
             "invalid_action_rate": sum(t.invalid_actions for t in trajs) / max(1, sum(len(t.turns) for t in trajs)),
             "response_tokens": response_tokens / len(trajs),
             **{k: sum(v) / len(v) for k, v in sums.items()},
