@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--per-row", type=int, default=32, help="rows for the (slow) per-row loop")
     ap.add_argument("--tokens-per-turn", type=int, default=None,
                     help="override rollout.max_tokens_per_turn (tiny: 48; the original allows 500)")
+    ap.add_argument("--batch-size", type=int, default=None, help="override rollout.batch_size (rows per batched call)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     P = config.load_profile(args.profile, {"name": args.outputs} if args.outputs else None)
@@ -54,6 +55,8 @@ def main() -> None:
     cfg = P.rollout
     if args.tokens_per_turn:
         cfg.max_tokens_per_turn = args.tokens_per_turn
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
     print(f"device: {model.device}, threads: {torch.get_num_threads()}, policy: {P.policy_path}, "
           f"max_turns {cfg.max_turns}, tokens/turn {cfg.max_tokens_per_turn}, batch {cfg.batch_size}")
 

@@ -1,6 +1,8 @@
 from zslib.config import RolloutConfig
 from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
-from zslib.rollout import STOP_STRINGS, HFBackend, engine_search_fn, parse_action, rollout
+import torch
+
+from zslib.rollout import STOP_STRINGS, HFBackend, _StopAtText, engine_search_fn, parse_action, rollout
 from zslib.search import Doc, format_docs
 
 
@@ -98,6 +100,25 @@ def test_generation_stops_at_the_first_stop_string(protocol_model, tokenizer, bm
                 assert len(turn) == min(ends), f"text after the stop string: {turn!r}"
                 stopped += 1
     assert stopped >= 16
+
+
+def test_stop_check_ends_rows_whose_generated_text_ends_in_a_multi_token_stop_string(protocol_model, tokenizer):
+    stop = "Doc 2("
+    assert len(tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1  # the tags are single tokens
+    backend = HFBackend(protocol_model[0], tokenizer, stop_strings=[stop])
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = enc("Question: who? Doc 2")
+    ends, other = enc(" Doc 1(a) Doc 2("), enc(" Doc 1(a) Doc 3(")
+    assert len(ends) == len(other)  # generate appends one token per row per step
+    check = _StopAtText(backend, len(prompt))
+    assert check(torch.tensor([prompt + ends, prompt + other]), None).tolist() == [True, False]
+    # A stopped row stays stopped while generate pads it.
+    padded = [prompt + ends + [backend.pad_id], prompt + other + enc(" ")[:1]]
+    assert check(torch.tensor(padded), None).tolist() == [True, False]
+    # Text that ends in the stop string only together with the prompt does not stop the row.
+    across = prompt + enc("(")
+    assert tokenizer.decode(across).endswith(stop)
+    assert _StopAtText(backend, len(prompt))(torch.tensor([across]), None).tolist() == [False]
 
 
 def test_batched_rollout_equals_per_row_rollout_under_greedy(protocol_model, tokenizer, bm25):

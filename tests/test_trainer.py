@@ -166,8 +166,9 @@ def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, pro
         saved = resumed.save_policy(tmp_path / "merged")
         merged = type(model).from_pretrained(str(saved))
         ids = torch.tensor([tokenizer("Question: who?")["input_ids"]])
-        with torch.no_grad():
-            assert torch.allclose(merged(input_ids=ids).logits, resumed.policy(input_ids=ids).logits, atol=1e-4)
+        with torch.no_grad():  # the trainer's policy sits on the GPU when there is one
+            trained = resumed.policy(input_ids=ids.to(resumed.policy.device)).logits.cpu()
+            assert torch.allclose(merged(input_ids=ids).logits, trained, atol=1e-4)
             assert not torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
     assert len(resumed.checkpoints()) == 2 and resumed.checkpoints()[-1].name == "step-000004"
     samples = read_rows(resumed.samples_path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .models import use_grouped_sdpa_on_cpu
 from .prompts import INVALID_ACTION, information_block, render_policy_prompt
@@ -56,7 +57,7 @@ class HFBackend:
         ids, attn, cache = self._inputs(prompts, plan)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         if self.stop_in_generate:
-            sampling.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+            sampling.update(stopping_criteria=StoppingCriteriaList([_StopAtText(self, ids.shape[1])]))
         out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
                                   past_key_values=cache, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                   top_k=None, return_dict_in_generate=True, **sampling)
@@ -101,14 +102,19 @@ class HFBackend:
             return ids, attn, None
         kept, self._kept = self._kept, None  # the cache is about to grow: never reuse it twice
         rows = [r for r, _ in plan]
-        cache = kept["cache"]
-        cache.batch_select_indices(torch.tensor(rows, device=self.model.device))
         mask = kept["mask"][rows].clone()
         for j, (r, used) in enumerate(plan):
             mask[j, kept["columns"][r][used:]] = 0  # kept tokens this prompt does not repeat
+        # Pack each row's kept columns to the right, in order, so the padding gaps of earlier turns
+        # leave the cache (they were a third of its width). Keys already carry their rotary
+        # positions, so moving a column changes nothing the model computes.
+        width = int(mask.sum(1).max())
+        order = torch.sort(mask, dim=1, stable=True).indices[:, mask.shape[1] - width:]
+        cache = _gather_columns(kept["cache"], torch.tensor(rows), order, self.model.device)
         suffix_ids, suffix_mask = self._left_pad([p[used:] for p, (_, used) in zip(prompts, plan)])
         self.prefilled_tokens += int(suffix_mask.sum())
-        return torch.cat([kept["ids"][rows], suffix_ids], 1), torch.cat([mask, suffix_mask], 1), cache
+        ids = kept["ids"][rows].gather(1, order)
+        return torch.cat([ids, suffix_ids], 1), torch.cat([mask.gather(1, order), suffix_mask], 1), cache
 
     def _left_pad(self, rows):
         width = max(len(p) for p in rows)
@@ -154,6 +160,40 @@ class HFBackend:
             text = self.tokenizer.decode([token_id])
             self._ends[token_id] = any(text and s.endswith(text[-1]) for s in self.stop_strings)
         return self._ends[token_id]
+
+
+def _gather_columns(cache, rows: torch.Tensor, columns: torch.Tensor, device):
+    """Keep ``rows`` of a key/value cache and, per row, the cache columns ``columns[row]``."""
+    rows, columns = rows.to(device), columns.to(device)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)[rows]
+            index = columns[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+            setattr(layer, name, states.gather(2, index))
+    return cache
+
+
+class _StopAtText(StoppingCriteria):
+    """Ends a row once its generated text ends in one of the backend's stop strings: the rule
+    ``_trim`` cuts by. transformers' ``stop_strings`` does the same for any tokenizer but cost a
+    quarter of a tiny rollout's time; here a row's text is decoded only when its newest token can
+    end a stop string (a cached per-token check), which is rare."""
+
+    def __init__(self, backend: HFBackend, prompt_width: int):
+        self.backend, self.prompt_width = backend, prompt_width
+        self.stopped: set[int] = set()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        start = max(self.prompt_width, input_ids.shape[1] - 16)
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if row in self.stopped or token in self.backend.eos_ids or not self.backend._may_end_stop(token):
+                continue
+            tail = self.backend.tokenizer.decode(input_ids[row, start:].tolist())
+            if any(tail.endswith(s) for s in self.backend.stop_strings):
+                self.stopped.add(row)
+        done[list(self.stopped)] = True
+        return done.to(input_ids.device)
 
 
 @dataclass
