@@ -6,13 +6,17 @@ real BM25 engine. Prints a table and writes ``outputs/<profile>/rl/compare/resul
     .venv/bin/python benchmarks/rl_compare.py [--profile tiny] [--runs grpo ppo reinforce_pp grpo-bm25]
 
 A run name is an algorithm, optionally followed by ``-bm25`` (train against the real engine
-instead of the simulator) or ``-nomask`` (no loss mask).
+instead of the simulator), ``-nomask`` (no loss mask) and ``-s<N>`` (seed N instead of the
+profile's). Single runs of one configuration differ by several EM points from seed to seed, so
+compare configurations over a few seeds (``grpo grpo-s1 grpo-s2``): the table ends with each
+configuration's mean and spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -23,8 +27,21 @@ def run_overrides(name: str) -> dict:
     algorithm, *flags = name.split("-")
     out = {"rl.algorithm": algorithm}
     for flag in flags:
-        out.update({"bm25": {"rl.engine": "bm25"}, "nomask": {"rl.loss_mask": False}}[flag])
+        if flag.startswith("s") and flag[1:].isdigit():
+            out["seed"] = int(flag[1:])
+        else:
+            out.update({"bm25": {"rl.engine": "bm25"}, "nomask": {"rl.loss_mask": False}}[flag])
     return out
+
+
+def seed_spread(results: dict) -> dict[str, tuple[int, float, float]]:
+    """(runs, mean EM, sample standard deviation) per configuration: run names without ``-s<N>``."""
+    groups: dict[str, list[float]] = {}
+    for name, r in results.items():
+        if name != "base":
+            config_name = "-".join(f for f in name.split("-") if not (f.startswith("s") and f[1:].isdigit()))
+            groups.setdefault(config_name, []).append(r["em"])
+    return {k: (len(v), statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in groups.items()}
 
 
 def main() -> None:
@@ -62,6 +79,11 @@ def main() -> None:
         print(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | {r['searches_per_question']:.2f} | "
               f"{r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} | "
               f"{'' if again is None else f'{again:.2f}'} |")
+    spread = seed_spread(results)
+    if any(n > 1 for n, _, _ in spread.values()):
+        print("\n| configuration | seeds | mean EM | sd |\n|---|---|---|---|")
+        for name, (n, mean, sd) in spread.items():
+            print(f"| {name} | {n} | {mean:.3f} | {sd:.3f} |")
 
 
 def _late_mean(metrics: list[dict], key: str) -> float | None:

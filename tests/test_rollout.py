@@ -2,7 +2,8 @@ from zslib.config import RolloutConfig
 from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
 import torch
 
-from zslib.rollout import STOP_STRINGS, HFBackend, _StopAtText, engine_search_fn, parse_action, rollout
+from zslib.rollout import (STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, _StopAtText, engine_search_fn,
+                           parse_action, rollout)
 from zslib.search import Doc, format_docs
 
 
@@ -119,6 +120,34 @@ def test_stop_check_ends_rows_whose_generated_text_ends_in_a_multi_token_stop_st
     across = prompt + enc("(")
     assert tokenizer.decode(across).endswith(stop)
     assert _StopAtText(backend, len(prompt))(torch.tensor([across]), None).tolist() == [False]
+
+
+def test_growing_cache_layer_holds_what_concatenation_would_and_writes_in_place():
+    torch.manual_seed(0)
+    layer, steps = _GrowingLayer(), [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 1)]
+    for i, k in enumerate(steps):
+        keys, values = layer.update(k, -k)
+        expected = torch.cat(steps[: i + 1], dim=2)
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        if i == 0:
+            buffer = keys.data_ptr()
+    assert keys.data_ptr() == buffer, "one-token steps went into the spare room, no copy"
+    layer.batch_select_indices(torch.tensor([2, 0]))  # rows replaced: the next step starts a new buffer
+    keys, _ = layer.update(steps[-1][:2], -steps[-1][:2])
+    assert torch.equal(keys, torch.cat([expected[[2, 0]], steps[-1][:2]], dim=2))
+
+
+def test_generating_with_the_growing_cache_gives_the_same_logits(protocol_model, tokenizer):
+    from transformers import DynamicCache
+    model = protocol_model[0]
+    batch = tokenizer(["Question: who wrote it?", "Question: where?"], return_tensors="pt", padding=True,
+                      padding_side="left")
+    outs = [model.generate(**batch, max_new_tokens=12, do_sample=False, past_key_values=cache, output_scores=True,
+                           return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+            for cache in (DynamicCache(), GrowingCache())]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_batched_rollout_equals_per_row_rollout_under_greedy(protocol_model, tokenizer, bm25):

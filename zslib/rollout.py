@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .models import use_grouped_sdpa_on_cpu
 from .prompts import INVALID_ACTION, information_block, render_policy_prompt
@@ -59,7 +60,7 @@ class HFBackend:
         if self.stop_in_generate:
             sampling.update(stopping_criteria=StoppingCriteriaList([_StopAtText(self, ids.shape[1])]))
         out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                                  past_key_values=cache, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                  past_key_values=cache if cache is not None else GrowingCache(), max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
                                   top_k=None, return_dict_in_generate=True, **sampling)
         width = ids.shape[1]
         new = out.sequences[:, width:].tolist()
@@ -160,6 +161,40 @@ class HFBackend:
             text = self.tokenizer.decode([token_id])
             self._ends[token_id] = any(text and s.endswith(text[-1]) for s in self.stop_strings)
         return self._ends[token_id]
+
+
+class _GrowingLayer(DynamicLayer):
+    """A key/value cache layer that writes each step's keys and values into spare room of a
+    buffer. transformers' ``DynamicLayer`` concatenates instead, copying the whole cache at every
+    step: a sixth of a tiny rollout's time."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._room = None
+        length, new = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+        room = self._room
+        # A new buffer when there is none, when it is full, or when the cache's rows were replaced
+        # (``batch_select_indices`` and ``_gather_columns`` assign new tensors).
+        if (room is None or length + new > room[0].shape[-2] or room[0].shape[0] != key_states.shape[0]
+                or (length and self.keys.data_ptr() != room[0].data_ptr())):
+            shape = (*key_states.shape[:2], length + new + max(64, length + new), key_states.shape[-1])
+            room = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                room[0][:, :, :length] = self.keys
+                room[1][:, :, :length] = self.values
+            self._room = room
+        room[0][:, :, length:length + new] = key_states
+        room[1][:, :, length:length + new] = value_states
+        self.keys, self.values = room[0][:, :, :length + new], room[1][:, :, :length + new]
+        return self.keys, self.values
+
+
+class GrowingCache(Cache):
+    """A ``DynamicCache`` whose layers grow in place (``_GrowingLayer``)."""
+
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=_GrowingLayer)
 
 
 def _gather_columns(cache, rows: torch.Tensor, columns: torch.Tensor, device):
