@@ -1,9 +1,9 @@
-from zslib.config import RolloutConfig
-from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
+import pytest
 import torch
 
-from zslib.rollout import (STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, _StopAtText, engine_search_fn,
-                           parse_action, rollout)
+from zslib.config import RolloutConfig
+from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
+from zslib.rollout import STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, engine_search_fn, parse_action, rollout
 from zslib.search import Doc, format_docs
 
 
@@ -103,23 +103,34 @@ def test_generation_stops_at_the_first_stop_string(protocol_model, tokenizer, bm
     assert stopped >= 16
 
 
-def test_stop_check_ends_rows_whose_generated_text_ends_in_a_multi_token_stop_string(protocol_model, tokenizer):
+def test_stop_check_finds_a_multi_token_stop_string_at_the_end_of_the_new_text(protocol_model, tokenizer):
     stop = "Doc 2("
-    assert len(tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1  # the tags are single tokens
-    backend = HFBackend(protocol_model[0], tokenizer, stop_strings=[stop])
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt = enc("Question: who? Doc 2")
-    ends, other = enc(" Doc 1(a) Doc 2("), enc(" Doc 1(a) Doc 3(")
-    assert len(ends) == len(other)  # generate appends one token per row per step
-    check = _StopAtText(backend, len(prompt))
-    assert check(torch.tensor([prompt + ends, prompt + other]), None).tolist() == [True, False]
-    # A stopped row stays stopped while generate pads it.
-    padded = [prompt + ends + [backend.pad_id], prompt + other + enc(" ")[:1]]
-    assert check(torch.tensor(padded), None).tolist() == [True, False]
-    # Text that ends in the stop string only together with the prompt does not stop the row.
-    across = prompt + enc("(")
-    assert tokenizer.decode(across).endswith(stop)
-    assert _StopAtText(backend, len(prompt))(torch.tensor([across]), None).tolist() == [False]
+    assert len(enc(stop)) > 1  # the protocol tags are single tokens; this is not
+    backend = HFBackend(protocol_model[0], tokenizer, stop_strings=[stop])
+    assert backend._ends_in_stop(enc(" Doc 1(a) Doc 2("))
+    assert not backend._ends_in_stop(enc(" Doc 1(a) Doc 3("))
+    assert not backend._ends_in_stop(enc(" Doc 2( and more"))
+    first = enc(" Doc 1(a) Doc 2(")
+    assert backend._trim(first + enc(" and more")) == first
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decoding_matches_transformers_generate_while_rows_leave_the_batch(protocol_model, tokenizer, temperature):
+    model, rows = protocol_model
+    prompts = [tokenizer(render_policy_prompt(tokenizer, r["question"]), add_special_tokens=False)["input_ids"]
+               for r in rows]
+    backend = HFBackend(model, tokenizer, reuse_cache=False)
+    torch.manual_seed(0)
+    got = backend.generate(prompts, 40, temperature, 1.0)
+    ids, attn = backend._left_pad(prompts)
+    torch.manual_seed(0)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature else dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=40, top_k=None, top_p=1.0,
+                         stop_strings=STOP_STRINGS, tokenizer=tokenizer, pad_token_id=backend.pad_id, **sampling)
+    assert got == [backend._trim(row) for row in out[:, ids.shape[1]:].tolist()]
+    lengths = sorted(len(row) for row in got)
+    assert lengths[len(lengths) // 4 - 1] < lengths[-1], "a quarter of the rows stopped early and left the batch"
 
 
 def test_growing_cache_layer_holds_what_concatenation_would_and_writes_in_place():

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from .models import use_grouped_sdpa_on_cpu
 from .prompts import INVALID_ACTION, information_block, render_policy_prompt
@@ -34,7 +34,8 @@ class GenerationBackend(Protocol):
 
 
 class HFBackend:
-    """transformers ``generate`` with left padding, stop strings, and KV-cache reuse across turns."""
+    """A transformers causal LM decoding left-padded batches with its own loop: a row stops at a
+    stop string or EOS and then leaves the batch, and the KV cache is kept across turns."""
 
     def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS, stop_in_generate: bool = True,
                  reuse_cache: bool = True):
@@ -55,32 +56,98 @@ class HFBackend:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature, top_p, continuing=False):
         plan = self._reuse_plan(prompts) if continuing and self._kept else None
-        ids, attn, cache = self._inputs(prompts, plan)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        if self.stop_in_generate:
-            sampling.update(stopping_criteria=StoppingCriteriaList([_StopAtText(self, ids.shape[1])]))
-        out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                                  past_key_values=cache if cache is not None else GrowingCache(), max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
-                                  top_k=None, return_dict_in_generate=True, **sampling)
-        width = ids.shape[1]
-        new = out.sequences[:, width:].tolist()
-        trimmed = [self._trim(row) for row in new]
-        # Generation stopped at the stop string, or ran on to EOS or the limit and was cut here.
-        produced = trimmed if self.stop_in_generate else [self._trim(row, at_stop=False) for row in new]
-        self.generated_tokens += sum(len(row) for row in produced)
+        new_ids, attn, cache = self._inputs(prompts, plan)
+        new, fed, cache, mask = self._decode(new_ids, attn, cache, max_new_tokens, temperature, top_p)
+        self.generated_tokens += sum(len(row) for row in new)
+        trimmed = [self._trim(row) for row in new]  # cut at the stop string (generate-to-max only)
         if self.reuse_cache:
-            self._keep(prompts, out.sequences.cpu(), attn, trimmed, out.past_key_values)
+            self._keep(prompts, trimmed, fed, cache, mask, attn.shape[1])
         return trimmed
 
     def release(self) -> None:
         """Drop the kept cache (its memory, and any chance of reusing it after a weight update)."""
         self._kept = None
 
+    # Decoding. transformers' ``generate`` runs every row until the longest has stopped: in a tiny
+    # rollout, half the rows' steps were spent on rows that had already stopped.
+
+    def _decode(self, new_ids, attn, cache, max_new_tokens, temperature, top_p):
+        """Greedy or sampled decoding. Returns each row's new tokens (ending at EOS or a stop string,
+        inclusive), how many of them the cache holds, and the cache with its mask (all rows)."""
+        device, batch = self.model.device, new_ids.shape[0]
+        cache = cache if cache is not None else GrowingCache()
+        attn = attn.to(device)
+        positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)[:, -new_ids.shape[1]:]
+        inputs, rows = new_ids.to(device), list(range(batch))  # rows[j]: the batch row of running row j
+        warpers = ([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+                   if temperature > 0 else [])
+        new, fed, done, parked = [[] for _ in range(batch)], [0] * batch, [False] * batch, []
+        for _ in range(max_new_tokens):
+            logits = self.model(input_ids=inputs, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            picked = self._pick(logits, rows, batch, warpers)
+            for j, r in enumerate(rows):
+                if not done[r]:
+                    new[r].append(picked[j])
+                    done[r] = (picked[j] in self.eos_ids or len(new[r]) == max_new_tokens
+                               or (self.stop_in_generate and self._ends_in_stop(new[r])))
+            if all(done[r] for r in rows):
+                break
+            stopped = [j for j, r in enumerate(rows) if done[r]]
+            if len(stopped) >= max(1, len(rows) // 4):  # a quarter of the batch idles: they leave it
+                index = torch.tensor(stopped, device=device)
+                parked.append(([rows[j] for j in stopped], attn[index],
+                               [(layer.keys[index], layer.values[index]) for layer in cache.layers]))
+                running = [j for j, r in enumerate(rows) if not done[r]]
+                cache.batch_select_indices(torch.tensor(running, device=device))
+                attn, positions, rows = attn[running], positions[running], [rows[j] for j in running]
+            # Each row feeds its newest token; a row that stopped earlier feeds padding, masked out.
+            feed = [(new[r][-1], 1) if fed[r] < len(new[r]) else (self.pad_id, 0) for r in rows]
+            for r, (_, valid) in zip(rows, feed):
+                fed[r] += valid
+            inputs = torch.tensor([[token] for token, _ in feed], device=device)
+            attn = torch.cat([attn, torch.tensor([[valid] for _, valid in feed], dtype=attn.dtype, device=device)], 1)
+            positions = positions[:, -1:] + 1
+        if not self.reuse_cache:
+            return new, fed, None, None
+        return new, fed, *self._unpark(cache, attn, rows, parked, batch)
+
+    def _pick(self, logits, rows, batch, warpers) -> list[int]:
+        """The next token of each running row: argmax, or a sample drawn as ``generate`` draws it
+        (same warpers, and one draw over the whole batch, rows that left included, so every row gets
+        the random numbers it would get there, whoever has stopped)."""
+        if not warpers:
+            return logits.argmax(-1).tolist()
+        scores = logits.new_zeros(batch, logits.shape[-1])
+        scores[rows] = logits
+        for warp in warpers:
+            scores = warp(None, scores)
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)[rows].tolist()
+
+    @staticmethod
+    def _unpark(cache, attn, rows, parked, batch):
+        """The cache and mask of the whole batch, in row order: rows that left early get their
+        states back, padded on the right with masked columns."""
+        if not parked:
+            return cache, attn
+        mask = attn.new_zeros(batch, attn.shape[1])
+        mask[rows] = attn
+        for left, left_mask, _ in parked:
+            mask[left, : left_mask.shape[1]] = left_mask
+        for i, layer in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                states = getattr(layer, name)
+                whole = states.new_zeros(batch, *states.shape[1:])
+                whole[rows] = states
+                for left, _, left_states in parked:
+                    part = left_states[i][0 if name == "keys" else 1]
+                    whole[left, :, : part.shape[2]] = part
+                setattr(layer, name, whole)
+        return cache, mask
+
     # A multi-turn rollout sends each row back with its generated tokens and a document block
     # appended. Re-encoding the whole context every turn encoded 1.7x the tokens (tiny profile),
-    # so the cache of the previous call is kept and only each row's new tokens are encoded. Rows sit at different offsets in the kept
-    # cache, so a row's new tokens follow a gap of padding that the attention mask hides;
-    # positions come from the mask, so the model sees exactly the unpadded sequence.
+    # so the cache of the previous call is kept and only each row's new tokens are encoded.
 
     def _reuse_plan(self, prompts) -> list[tuple[int, int]] | None:
         """(kept row, tokens reused) per prompt, in order, or None when a prompt extends no kept row."""
@@ -95,7 +162,8 @@ class HFBackend:
         return plan
 
     def _inputs(self, prompts, plan):
-        """Input ids and attention mask (left padded), and the cache they continue (or None)."""
+        """The tokens to encode (left padded), the attention mask over the cache and them, and the
+        cache they continue (or None)."""
         if plan is None:
             self._kept = None
             ids, attn = self._left_pad(prompts)
@@ -107,15 +175,14 @@ class HFBackend:
         for j, (r, used) in enumerate(plan):
             mask[j, kept["columns"][r][used:]] = 0  # kept tokens this prompt does not repeat
         # Pack each row's kept columns to the right, in order, so the padding gaps of earlier turns
-        # leave the cache (they were a third of its width). Keys already carry their rotary
-        # positions, so moving a column changes nothing the model computes.
+        # leave the cache. Keys already carry their rotary positions, so moving a column changes
+        # nothing the model computes.
         width = int(mask.sum(1).max())
         order = torch.sort(mask, dim=1, stable=True).indices[:, mask.shape[1] - width:]
         cache = _gather_columns(kept["cache"], torch.tensor(rows), order, self.model.device)
         suffix_ids, suffix_mask = self._left_pad([p[used:] for p, (_, used) in zip(prompts, plan)])
         self.prefilled_tokens += int(suffix_mask.sum())
-        ids = kept["ids"][rows].gather(1, order)
-        return torch.cat([ids, suffix_ids], 1), torch.cat([mask.gather(1, order), suffix_mask], 1), cache
+        return suffix_ids, torch.cat([mask.gather(1, order), suffix_mask], 1), cache
 
     def _left_pad(self, rows):
         width = max(len(p) for p in rows)
@@ -127,33 +194,30 @@ class HFBackend:
                 attn[r, width - len(p):] = 1
         return ids, attn
 
-    def _keep(self, prompts, sequences, attn, trimmed, cache) -> None:
-        """Remember the cache: it holds every column but the last generated one."""
-        columns = sequences.shape[1] - 1
-        if cache is None or cache.get_seq_length() != columns:
-            return
-        width = attn.shape[1]
-        generated = torch.zeros(len(prompts), columns - width, dtype=attn.dtype)
-        for j, row in enumerate(trimmed):
-            generated[j, : len(row)] = 1  # padding after a row's stop is in the cache but not in the row
-        mask = torch.cat([attn, generated], 1)
-        self._kept = {"cache": cache, "ids": sequences[:, :columns], "mask": mask,
-                      "columns": [m.nonzero().flatten().tolist() for m in mask],
-                      "tokens": [p + row[: columns - width] for p, row in zip(prompts, trimmed)]}
+    def _keep(self, prompts, trimmed, fed, cache, mask, width) -> None:
+        """Remember the cache. Row j's k-th new token sits in column ``width + k`` once fed back;
+        tokens cut off after a stop string are masked out."""
+        mask = mask.cpu().clone()
+        cached = [min(n, len(row)) for n, row in zip(fed, trimmed)]
+        for j, n in enumerate(cached):
+            mask[j, width + n:] = 0
+        self._kept = {"cache": cache, "mask": mask, "columns": [m.nonzero().flatten().tolist() for m in mask],
+                      "tokens": [p + row[:n] for p, row, n in zip(prompts, trimmed, cached)]}
 
-    def _trim(self, row: list[int], at_stop: bool = True) -> list[int]:
-        """Cut after the first stop string (with ``at_stop``) or EOS: ``generate`` pads rows that
-        finished early. The pad token may double as an EOS (Qwen3), so a row is cut where its
-        text first ends in a stop string, before any padding that follows it.
-        """
+    def _trim(self, row: list[int]) -> list[int]:
+        """Cut after the first stop string or EOS."""
         for i, t in enumerate(row):
-            if t in self.eos_ids:
+            if t in self.eos_ids or self._ends_in_stop(row[: i + 1]):
                 return row[: i + 1]
-            if at_stop and self._may_end_stop(t):
-                tail = self.tokenizer.decode(row[max(0, i - 15): i + 1])
-                if any(tail.endswith(s) for s in self.stop_strings):
-                    return row[: i + 1]
         return row
+
+    def _ends_in_stop(self, row: list[int]) -> bool:
+        """Does the text of these new tokens end in a stop string? Decoded only when the last token
+        can end one (a cached per-token check), which is rare."""
+        if not self._may_end_stop(row[-1]):
+            return False
+        tail = self.tokenizer.decode(row[-16:])
+        return any(tail.endswith(s) for s in self.stop_strings)
 
     def _may_end_stop(self, token_id: int) -> bool:
         """Cheap pre-check (cached per token): does this token's text end like a stop string?"""
@@ -178,6 +242,7 @@ class _GrowingLayer(DynamicLayer):
         # (``batch_select_indices`` and ``_gather_columns`` assign new tensors).
         if (room is None or length + new > room[0].shape[-2] or room[0].shape[0] != key_states.shape[0]
                 or (length and self.keys.data_ptr() != room[0].data_ptr())):
+            # Twice the room needed: copies stay rare, at the price of up to 2x the cache's memory.
             shape = (*key_states.shape[:2], length + new + max(64, length + new), key_states.shape[-1])
             room = (key_states.new_empty(shape), value_states.new_empty(shape))
             if length:
@@ -206,29 +271,6 @@ def _gather_columns(cache, rows: torch.Tensor, columns: torch.Tensor, device):
             index = columns[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
             setattr(layer, name, states.gather(2, index))
     return cache
-
-
-class _StopAtText(StoppingCriteria):
-    """Ends a row once its generated text ends in one of the backend's stop strings: the rule
-    ``_trim`` cuts by. transformers' ``stop_strings`` does the same for any tokenizer but cost a
-    quarter of a tiny rollout's time; here a row's text is decoded only when its newest token can
-    end a stop string (a cached per-token check), which is rare."""
-
-    def __init__(self, backend: HFBackend, prompt_width: int):
-        self.backend, self.prompt_width = backend, prompt_width
-        self.stopped: set[int] = set()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        start = max(self.prompt_width, input_ids.shape[1] - 16)
-        for row, token in enumerate(input_ids[:, -1].tolist()):
-            if row in self.stopped or token in self.backend.eos_ids or not self.backend._may_end_stop(token):
-                continue
-            tail = self.backend.tokenizer.decode(input_ids[row, start:].tolist())
-            if any(tail.endswith(s) for s in self.backend.stop_strings):
-                self.stopped.add(row)
-        done[list(self.stopped)] = True
-        return done.to(input_ids.device)
 
 
 @dataclass
