@@ -95,9 +95,10 @@ class HFBackend:
                 break
             stopped = [j for j, r in enumerate(rows) if done[r]]
             if len(stopped) >= max(1, len(rows) // 4):  # a quarter of the batch idles: they leave it
-                index = torch.tensor(stopped, device=device)
-                parked.append(([rows[j] for j in stopped], attn[index],
-                               [(layer.keys[index], layer.values[index]) for layer in cache.layers]))
+                if self.reuse_cache:  # their states come back at the end, for the next turn
+                    index = torch.tensor(stopped, device=device)
+                    parked.append(([rows[j] for j in stopped], attn[index],
+                                   [(layer.keys[index], layer.values[index]) for layer in cache.layers]))
                 running = [j for j, r in enumerate(rows) if not done[r]]
                 cache.batch_select_indices(torch.tensor(running, device=device))
                 attn, positions, rows = attn[running], positions[running], [rows[j] for j in running]
@@ -207,7 +208,7 @@ class HFBackend:
     def _trim(self, row: list[int]) -> list[int]:
         """Cut after the first stop string or EOS."""
         for i, t in enumerate(row):
-            if t in self.eos_ids or self._ends_in_stop(row[: i + 1]):
+            if t in self.eos_ids or (self._may_end_stop(t) and self._ends_in_stop(row[: i + 1])):
                 return row[: i + 1]
         return row
 
