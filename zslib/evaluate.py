@@ -18,6 +18,16 @@ def retrieval_recall(engine, rows: list[dict], topk: int, batch_size: int = 256)
     return hits / max(1, len(rows))
 
 
+def em_by_searches(trajs) -> dict:
+    """EM split by how many searches a trajectory made ("0", "1", "2+"): shows whether extra
+    searches help or are wasted, which searches per question alone cannot."""
+    groups: dict[str, list] = {}
+    for t in trajs:
+        groups.setdefault("2+" if len(t.calls) >= 2 else str(len(t.calls)), []).append(t)
+    return {k: {"n": len(g), "em": sum(exact_match(t.answer, t.golden_answers) for t in g) / len(g)}
+            for k, g in sorted(groups.items())}
+
+
 def score_trajectories(trajs) -> dict:
     n = max(1, len(trajs))
     return {
@@ -26,6 +36,8 @@ def score_trajectories(trajs) -> dict:
         "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / n,
         "well_formed_first_action": sum(t.first_action in ("search", "answer") for t in trajs) / n,
         "searches_per_question": sum(len(t.calls) for t in trajs) / n,
+        "searched_share": sum(len(t.calls) > 0 for t in trajs) / n,
+        "em_by_searches": em_by_searches(trajs),
         "answered": sum(t.answer is not None for t in trajs) / n,
         "n": len(trajs),
     }
