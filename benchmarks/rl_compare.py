@@ -66,18 +66,20 @@ def main() -> None:
         t = trainer.RLTrainer(P, root / name, simulator=sim, bm25=bm25)
         t.train(resume=True)
         metrics = data.read_rows(t.metrics_path)
+        best = t.use_best_policy()  # as notebook 04: the best-validated weights when the profile validates
         results[name] = {**evaluate.greedy_with_engine(t.policy, t.tokenizer, rows, bm25, P, desc=name),
+                         "policy_step": best["step"] if best else len(metrics),
                          "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                          "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:]),
                          "searched_again_after_noisy": _late_mean(metrics, "searched_again_after_noisy")}
         root.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
-    print("| run | EM | F1 | cover-EM | searches/q | train min | reward (last 10 steps) | searched again after noisy |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| run | EM | F1 | cover-EM | searches/q | policy step | train min | reward (last 10 steps) | "
+          "searched again after noisy |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         again = r.get("searched_again_after_noisy")
         print(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | {r['searches_per_question']:.2f} | "
-              f"{r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} | "
+              f"{r.get('policy_step', '')} | {r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} | "
               f"{'' if again is None else f'{again:.2f}'} |")
     spread = seed_spread(results)
     if any(n > 1 for n, _, _ in spread.values()):

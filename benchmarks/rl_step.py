@@ -1,7 +1,7 @@
 """Seconds per RL step on the tiny profile, split into rollout (policy generation), simulator
 (writing documents), log-probs (old, reference, values) and update, with the process's peak memory,
-and the projected time of the notebook's whole training run (target, issue 4: at most 10 minutes
-on 2 cores). Needs notebooks 00-03's models.
+and the projected time of the notebook's whole training run, validations included (target, issue 4:
+at most 10 minutes on 2 cores). Needs notebooks 00-03's models.
 
     .venv/bin/python benchmarks/rl_step.py [--profile tiny] [--steps 10] [--algorithm grpo] [--engine simulator]
 """
@@ -32,9 +32,15 @@ def main() -> None:
         metrics = t.train(steps=args.steps, resume=False)
     # The first step pays for one-off warm-up (kernels, caches): leave it out of the averages.
     timed = metrics[1:] or metrics
+    for m in timed:  # validation runs every few steps only: timed apart, added to the projection
+        m["seconds"] -= m.get("validation_seconds", 0.0)
     mean = {k: sum(m[k] for m in timed) / len(timed)
             for k in ("seconds", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds",
                       "response_tokens", "searches_per_answer", "tokens_per_s")}
+    validations = [m["validation_seconds"] for m in metrics if "validation_seconds" in m]
+    every = P.rl.validate_every
+    n_validations = (P.rl.steps // every + (P.rl.steps % every > 0)) if every > 0 else 0
+    validation_s = sum(validations) / len(validations) if validations else 0.0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     rollouts = P.rl.questions_per_step * P.rl.group_size
     print(f"\n{P.rl.algorithm}, engine {P.rl.engine}, {rollouts} rollouts/step "
@@ -47,8 +53,12 @@ def main() -> None:
     print(f"| response tokens per trajectory | {mean['response_tokens']:.1f} |")
     print(f"| searches per trajectory | {mean['searches_per_answer']:.2f} |")
     print(f"| response tokens per second | {mean['tokens_per_s']:.0f} |")
+    if n_validations:
+        print(f"| validation ({P.rl.validation_size} questions, every {every} steps) | {validation_s:.2f} s |")
     print(f"| peak memory (process RSS) | {peak_gb:.2f} GB |")
-    print(f"| projected training run ({P.rl.steps} steps) | {P.rl.steps * mean['seconds'] / 60:.1f} min (target <= 10) |")
+    projected = P.rl.steps * mean["seconds"] + n_validations * validation_s
+    print(f"| projected training run ({P.rl.steps} steps, {n_validations} validations) | "
+          f"{projected / 60:.1f} min (target <= 10) |")
 
 
 if __name__ == "__main__":

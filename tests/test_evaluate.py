@@ -19,3 +19,24 @@ def test_scores_split_exact_match_by_number_of_searches():
     assert s["em_by_searches"] == {"0": {"n": 1, "em": 0.0}, "1": {"n": 3, "em": 2 / 3},
                                    "2+": {"n": 2, "em": 0.5}}
     assert s["answered"] == 5 / 6
+
+
+def test_validation_questions_are_the_held_out_splits_last_and_never_evaluated(tiny_world, monkeypatch):
+    import datasets
+    import pytest
+
+    from zslib import data
+    from zslib.config import load_profile
+    from zslib.evaluate import heldout_questions, validation_questions
+
+    test_rows = tiny_world["splits"]["test"]
+    monkeypatch.setattr(data, "load_for_profile", lambda profile, name, split: datasets.Dataset.from_list(
+        test_rows if split == "test" else []))
+    profile = load_profile("tiny")
+    one_hop = [r["id"] for r in test_rows if r["hops"] == 1]
+    evaluated = [r["id"] for r in heldout_questions(profile, 300)]
+    validation = [r["id"] for r in validation_questions(profile, 200, 300)]
+    assert evaluated == one_hop[:300] and validation == one_hop[-200:]
+    assert not set(evaluated) & set(validation)
+    with pytest.raises(ValueError, match=rf"rl.validation_size {len(one_hop)} \+ rl.eval_size 300 .* 'tiny'"):
+        validation_questions(profile, len(one_hop), 300)

@@ -12,7 +12,8 @@ from zslib.config import RLConfig, RolloutConfig, load_profile
 from zslib.prompts import INVALID_ACTION
 from zslib.rollout import HFBackend, Trajectory, engine_search_fn, rollout
 
-TIMING = ("seconds", "tokens_per_s", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds")
+TIMING = ("seconds", "tokens_per_s", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds",
+          "validation_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_reward_reads_only_the_policy_text(tokenizer):
 
 
 def _run(profile, run_dir, bm25, rows, simulator=None, steps=None, resume=True):
-    t = trainer.RLTrainer(profile, run_dir, questions=rows, bm25=bm25, simulator=simulator)
+    t = trainer.RLTrainer(profile, run_dir, questions=rows, bm25=bm25, simulator=simulator, validation=rows[-4:])
     t.train(steps=steps, resume=resume)
     return t
 
@@ -141,7 +142,7 @@ def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, pro
     model, rows = protocol_model
     profile = _profile(policy_dir, algorithm=algorithm, engine=engine, steps=4, questions_per_step=2,
                        group_size=3, mini_batch_size=4, checkpoint_every=2, curriculum="linear",
-                       p_start=0.0, p_end=1.0, lr=1e-3, critic_lr=1e-3, lora=lora, lora_r=4)
+                       p_start=0.0, p_end=1.0, lr=1e-3, critic_lr=1e-3, lora=lora, lora_r=4, validate_every=2)
     # The protocol model stands in for the simulator: its documents are nonsense, the calls are real.
     simulator = (model, tokenizer) if engine == "simulator" else None
     whole = _run(profile, tmp_path / "whole", bm25, rows, simulator)
@@ -154,6 +155,16 @@ def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, pro
     assert _deterministic(read_rows(resumed.metrics_path)) == _deterministic(whole_metrics)
     for a, b in zip(whole.policy.state_dict().values(), resumed.policy.state_dict().values()):
         assert torch.equal(a, b)
+    # Validation at steps 2 and 4; best/ holds the checkpointed weights of the best step (earliest on ties).
+    validated = {m["step"]: m["val_em"] for m in whole_metrics if "val_em" in m}
+    assert sorted(validated) == [2, 4]
+    best_step = max(sorted(validated), key=validated.get)
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    best_file = resumed.best_dir / f"step-{best_step:06d}" / weights
+    ckpt_file = resumed.ckpt_dir / f"step-{best_step:06d}" / "policy" / weights
+    assert [p.name for p in resumed.best_dir.iterdir()] == [best_file.parent.name]
+    assert best_file.read_bytes() == ckpt_file.read_bytes()
+    assert resumed.use_best_policy() == {"step": best_step, "val_em": validated[best_step]}
     if engine == "simulator":
         assert all(m["noise_prob"] == pytest.approx(m["step"] / 4) for m in whole_metrics)
         assert whole_metrics[-1]["noisy_share"] == 1.0, "p = 1 at the last step: every call is noisy"

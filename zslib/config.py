@@ -181,6 +181,9 @@ class RLConfig:
     keep_checkpoints: int = 2
     samples_per_step: int = 2         # trajectories written to samples.jsonl each step
     eval_size: int = 300              # held-out questions for the final greedy evaluation
+    validate_every: int = 0           # > 0: greedy EM with the real engine every this many steps (and at the end)
+    validation_size: int = 200        # validation questions: the held-out split's last ones, never evaluated on
+    keep_best: bool = True            # with validation: the saved policy is the best-validated step's, not the last
 
 
 @dataclass

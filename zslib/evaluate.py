@@ -62,6 +62,16 @@ def heldout_questions(profile, n: int | None = None) -> list[dict]:
     return [r for r in rows if r.get("hops", 1) == 1][: n or profile.data.eval_size]
 
 
+def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
+    """The last ``n`` 1-hop questions of the held-out split, for validation during training: disjoint
+    from the first ``evaluated`` ones that ``heldout_questions`` gives the final evaluation."""
+    rows = heldout_questions(profile, 10 ** 9)
+    if n + evaluated > len(rows):
+        raise ValueError(f"rl.validation_size {n} + rl.eval_size {evaluated} is more than the "
+                         f"{len(rows)} held-out 1-hop questions of {profile.data.eval_sets[0]!r}")
+    return rows[-n:]
+
+
 def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate") -> dict:
     """A policy's greedy scores with a real engine (validation never uses the simulator, DESIGN §5)."""
     was_training = model.training

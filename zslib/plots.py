@@ -111,15 +111,24 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
     return fig
 
 
-def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), ("searches_per_answer",),
+def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), ("val_em",), ("searches_per_answer",),
                                                    ("kl", "entropy")), smooth: int = 10):
-    """One panel per group of metric keys, one line per (run, key), moving averages over steps."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, keys in zip(axes, panels):
+    """One panel per group of metric keys, one line per (run, key): moving averages over steps for
+    keys logged every step, raw points for keys logged every few steps (validation). Panels whose
+    keys no run logged are left out."""
+    panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
         for name, metrics in runs.items():
             for key in keys:
+                logged = [m for m in metrics if key in m]
+                if not logged:
+                    continue
                 label = key if len(runs) == 1 else f"{name}: {key}"
-                ax.plot([m["step"] for m in metrics], _moving_average([m[key] for m in metrics], smooth), label=label)
+                values = [m[key] for m in logged]
+                every_step = len(logged) == len(metrics)
+                ax.plot([m["step"] for m in logged], _moving_average(values, smooth) if every_step else values,
+                        label=label, marker=None if every_step else "o")
         ax.set_xlabel("RL step")
         ax.set_title(", ".join(keys), fontsize=9)
         ax.legend(fontsize=7)

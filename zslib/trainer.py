@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from . import algos
 from .curriculum import noise_probability
-from .data import sample_questions
+from .data import read_rows, sample_questions
+from .evaluate import greedy_with_engine, validation_questions
 from .reward import exact_match, extract_answer, f1_score, format_reward
 from .rollout import HFBackend, engine_search_fn, rollout
 from .search import make_engine
@@ -150,6 +151,25 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def _write_folder(final: Path, write) -> Path:
+    """``write(folder)`` into a temporary folder that is renamed to ``final`` when complete, so a
+    crash never leaves a half-written one under the final name."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _complete_folders(parent: Path) -> list[Path]:
+    """``parent``'s complete ``step-N`` folders, oldest first (unfinished ones end in ``.tmp``)."""
+    if not parent.exists():
+        return []
+    return sorted(p for p in parent.glob("step-*") if not p.name.endswith(".tmp"))
+
+
 def _keep_until(path: Path, step: int) -> None:
     """Drop the lines a run wrote after its last checkpoint (it is resumed from there), and a last
     line cut off mid-write by the interruption."""
@@ -170,14 +190,15 @@ def _keep_until(path: Path, step: int) -> None:
 
 class RLTrainer:
     """Policy, reference, optional critic, engine and optimizers for one run under ``run_dir``
-    (default ``outputs/<profile>/rl/``): ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/``
-    and, at the end, the trained ``policy/``."""
+    (default ``outputs/<profile>/rl/``): ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/``,
+    with validation the best-validated weights in ``best/``, and at the end the trained ``policy/``."""
 
     def __init__(self, profile, run_dir: str | Path | None = None, questions: list[dict] | None = None,
-                 simulator=None, bm25=None):
+                 simulator=None, bm25=None, validation: list[dict] | None = None):
         """``simulator``: an already loaded ``(model, tokenizer)`` to share between runs;
         ``bm25``: an engine to reuse; ``questions``: the training questions (default: the
-        profile's train sets, at most ``max_hops`` hops)."""
+        profile's train sets, at most ``max_hops`` hops); ``validation``: the validation questions
+        (default: ``evaluate.validation_questions``), used when ``rl.validate_every > 0``."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         self.profile, self.cfg = profile, profile.rl
@@ -190,7 +211,7 @@ class RLTrainer:
         self.run_dir = Path(run_dir or profile.rl_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir, self.best_dir = self.run_dir / "checkpoints", self.run_dir / "best"
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, profile.models.dtype) if self.device == "cuda" else torch.float32
 
@@ -231,6 +252,11 @@ class RLTrainer:
             questions = sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, seed=profile.seed)
             questions = [q for q in questions if not cfg.max_hops or q.get("hops", 1) <= cfg.max_hops]
         self.questions = questions
+        if cfg.validate_every > 0:  # validation always uses the real engine (DESIGN §5)
+            self.validation = validation or validation_questions(profile, cfg.validation_size, cfg.eval_size)
+            self.real_engine = self.engine if cfg.engine != "simulator" else (
+                bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25"))
+        self.best_validation = None  # (val_em, step) of the weights in best/
 
         # Every source of randomness is seeded and saved in checkpoints.
         self.question_rng = random.Random(profile.seed)
@@ -320,9 +346,16 @@ class RLTrainer:
         if self.critic is not None:
             self.critic_scheduler.step()
         timing["update"] = time.time() - t0
-
-        # 7. log
         self.step_count = step
+
+        # 7. validate: greedy, real engine; the best weights so far are kept in best/
+        validation = {}
+        if cfg.validate_every > 0 and (step % cfg.validate_every == 0 or step == cfg.steps):
+            t0 = time.time()
+            validation = self.validate()
+            timing["validation"] = time.time() - t0
+
+        # 8. log
         seconds = time.time() - start
         calls = [c for t in trajs for c in t.calls]
         response_tokens = sum(len(t.response_ids) for t in trajs)
@@ -339,6 +372,7 @@ class RLTrainer:
             "response_tokens": response_tokens / len(trajs),
             **{k: sum(v) / len(v) for k, v in sums.items()},
             "lr": self.scheduler.get_last_lr()[0],
+            **validation,
             "seconds": seconds, "tokens_per_s": response_tokens / seconds,
             **{f"{k}_seconds": v for k, v in timing.items()},
         }
@@ -352,6 +386,34 @@ class RLTrainer:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             self.save_checkpoint()
         return metrics
+
+    def validate(self) -> dict:
+        """Greedy scores on the validation questions with the real engine. A new best EM (ties go to
+        the earlier step) saves the policy (or adapter) to ``best/step-N/``; the previous best is
+        removed only once the new one is complete."""
+        scores = greedy_with_engine(self.policy, self.tokenizer, self.validation, self.real_engine,
+                                    self.profile, desc="validation")
+        if self.best_validation is None or scores["em"] > self.best_validation[0]:
+            self.best_validation = (scores["em"], self.step_count)
+
+            def write(folder: Path) -> None:
+                self.policy.save_pretrained(str(folder))
+                (folder / "validation.json").write_text(json.dumps({"step": self.step_count, "val_em": scores["em"]}))
+
+            _write_folder(self.best_dir / f"step-{self.step_count:06d}", write)
+            for old in _complete_folders(self.best_dir)[:-1]:
+                shutil.rmtree(old)
+        return {"val_em": scores["em"], "val_f1": scores["f1"],
+                "val_searches_per_question": scores["searches_per_question"]}
+
+    def use_best_policy(self) -> dict | None:
+        """With ``keep_best`` and validation: load the best-validated weights into the policy and
+        return their ``{"step", "val_em"}``; otherwise leave the last weights and return None."""
+        found = _complete_folders(self.best_dir)
+        if not (self.cfg.keep_best and self.cfg.validate_every > 0 and found):
+            return None
+        self._load_policy_weights(found[-1])
+        return json.loads((found[-1] / "validation.json").read_text())
 
     def _update(self, ids, mask, ref_logp, adv, old_logp, old_values, returns) -> dict:
         """One optimizer step on a mini-batch; every term sees only mask-1 tokens. ``old_logp`` None:
@@ -388,8 +450,17 @@ class RLTrainer:
             for path in (self.metrics_path, self.samples_path):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            shutil.rmtree(self.best_dir, ignore_errors=True)
         _keep_until(self.metrics_path, self.step_count)
         _keep_until(self.samples_path, self.step_count)
+        # The best validation so far, from the steps kept; a best saved after the checkpoint is
+        # dropped with them (the redone steps save it again).
+        for folder in _complete_folders(self.best_dir):
+            if int(folder.name.split("-")[1]) > self.step_count:
+                shutil.rmtree(folder)
+        kept = read_rows(self.metrics_path) if self.metrics_path.exists() else []
+        validated = [(m["val_em"], m["step"]) for m in kept if "val_em" in m]
+        self.best_validation = max(validated, key=lambda v: (v[0], -v[1])) if validated else None
         last = min(steps or self.cfg.steps, self.cfg.steps)
         out = []
         bar = tqdm(range(self.step_count, last), desc=f"RL ({self.cfg.algorithm}, {self.cfg.engine})",
@@ -402,17 +473,17 @@ class RLTrainer:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (an unfinished one keeps its ``.tmp`` name)."""
-        if not self.ckpt_dir.exists():
-            return []
-        return sorted(p for p in self.ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
+        return _complete_folders(self.ckpt_dir)
 
     def save_checkpoint(self) -> Path:
         """Policy (or adapter), critic, optimizers, schedulers, RNG states and step, written to a
         temporary folder that is renamed when complete: a crash never leaves a half checkpoint."""
-        final = self.ckpt_dir / f"step-{self.step_count:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        final = _write_folder(self.ckpt_dir / f"step-{self.step_count:06d}", self._write_checkpoint)
+        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
         self.policy.save_pretrained(str(tmp / "policy"))
         state = {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -424,11 +495,6 @@ class RLTrainer:
             state.update(critic=self.critic.state_dict(), critic_optimizer=self.critic_optimizer.state_dict(),
                          critic_scheduler=self.critic_scheduler.state_dict())
         torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-        return final
 
     def load_checkpoint(self) -> bool:
         """Restore the last complete checkpoint, if any."""
