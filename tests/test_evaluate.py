@@ -40,3 +40,5 @@ def test_validation_questions_are_the_held_out_splits_last_and_never_evaluated(t
     assert not set(evaluated) & set(validation)
     with pytest.raises(ValueError, match=rf"rl.validation_size {len(one_hop)} \+ rl.eval_size 300 .* 'tiny'"):
         validation_questions(profile, len(one_hop), 300)
+    with pytest.raises(ValueError, match="rl.validation_size must be at least 1"):
+        validation_questions(profile, 0, 300)  # rows[-0:] would be every question
