@@ -214,7 +214,7 @@ def test_masked_html_greys_exactly_the_mask_0_tokens(tokenizer):
 def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "rew')
-    trainer._keep_until(path, 2)
+    assert trainer._keep_until(path, 2) == [{"step": 1}, {"step": 2}]
     assert read_rows(path) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"ste\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line 2"):

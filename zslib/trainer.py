@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import algos
 from .curriculum import noise_probability
-from .data import read_rows, sample_questions
+from .data import sample_questions
 from .evaluate import greedy_with_engine, validation_questions
 from .reward import exact_match, extract_answer, f1_score, format_reward
 from .rollout import HFBackend, engine_search_fn, rollout
@@ -170,11 +170,11 @@ def _complete_folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.glob("step-*") if not p.name.endswith(".tmp"))
 
 
-def _keep_until(path: Path, step: int) -> None:
+def _keep_until(path: Path, step: int) -> list[dict]:
     """Drop the lines a run wrote after its last checkpoint (it is resumed from there), and a last
-    line cut off mid-write by the interruption."""
+    line cut off mid-write by the interruption; returns the rows kept."""
     if not path.exists():
-        return
+        return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows = []
     for n, line in enumerate(lines, 1):
@@ -183,7 +183,9 @@ def _keep_until(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             if n < len(lines):
                 raise ValueError(f"{path}, line {n}: not valid JSON, and not the last line") from None
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    kept = [r for r in rows if r["step"] <= step]
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 # ---------------------------------------------------------------- the trainer
@@ -451,14 +453,13 @@ class RLTrainer:
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             shutil.rmtree(self.best_dir, ignore_errors=True)
-        _keep_until(self.metrics_path, self.step_count)
+        kept = _keep_until(self.metrics_path, self.step_count)
         _keep_until(self.samples_path, self.step_count)
         # The best validation so far, from the steps kept; a best saved after the checkpoint is
         # dropped with them (the redone steps save it again).
         for folder in _complete_folders(self.best_dir):
             if int(folder.name.split("-")[1]) > self.step_count:
                 shutil.rmtree(folder)
-        kept = read_rows(self.metrics_path) if self.metrics_path.exists() else []
         validated = [(m["val_em"], m["step"]) for m in kept if "val_em" in m]
         self.best_validation = max(validated, key=lambda v: (v[0], -v[1])) if validated else None
         last = min(steps or self.cfg.steps, self.cfg.steps)
