@@ -174,7 +174,7 @@ def test_batched_rollout_equals_per_row_rollout_under_greedy(protocol_model, tok
 def test_reusing_the_cache_across_turns_changes_no_trajectory(protocol_model, tokenizer, bm25):
     model, rows = protocol_model
     fn, cfg = engine_search_fn(bm25, 3), RolloutConfig(max_turns=2)
-    fresh, reused = HFBackend(model, tokenizer, reuse_cache=False), HFBackend(model, tokenizer)
+    fresh, reused = HFBackend(model, tokenizer, reuse_cache=False, share_prefix=False), HFBackend(model, tokenizer)
     expected = rollout(fresh, tokenizer, rows, fn, cfg, temperature=0.0)
     got = rollout(reused, tokenizer, rows, fn, cfg, temperature=0.0)
     assert sum(len(t.turns) > 1 for t in got) >= 8  # later turns did continue from the cache
@@ -183,3 +183,28 @@ def test_reusing_the_cache_across_turns_changes_no_trajectory(protocol_model, to
     # Every turn after the first encoded only the tokens appended since the last call.
     assert reused.prefilled_tokens < 0.7 * fresh.prefilled_tokens
     assert reused._kept is None  # released when the rollout ended
+
+
+def test_sharing_the_prompts_common_prefix_changes_no_output_and_encodes_it_once(protocol_model, tokenizer):
+    model, rows = protocol_model
+    prompts = [tokenizer(render_policy_prompt(tokenizer, r["question"]), add_special_tokens=False)["input_ids"]
+               for r in rows]
+    shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)  # the instruction
+    assert shared >= 16
+    alone, together = HFBackend(model, tokenizer, share_prefix=False), HFBackend(model, tokenizer)
+    for temperature in (0.0, 1.0):
+        outputs, encoded = [], []
+        for backend in (alone, together):
+            torch.manual_seed(0)
+            before = backend.prefilled_tokens
+            outputs.append(backend.generate(prompts, 40, temperature, 1.0))
+            encoded.append(backend.prefilled_tokens - before)
+        assert outputs[0] == outputs[1]
+        assert encoded == [sum(len(p) for p in prompts), sum(len(p) for p in prompts) - (len(prompts) - 1) * shared]
+        # The next turn continues from the kept cache, whose rows now start with the shared columns.
+        longer = [p + out + tokenizer("<information> x </information>", add_special_tokens=False)["input_ids"]
+                  for p, out in zip(prompts, outputs[0])]
+        torch.manual_seed(1)
+        expected = alone.generate(longer, 20, temperature, 1.0, continuing=True)
+        torch.manual_seed(1)
+        assert together.generate(longer, 20, temperature, 1.0, continuing=True) == expected

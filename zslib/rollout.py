@@ -9,6 +9,7 @@ generated.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -22,6 +23,7 @@ from .prompts import INVALID_ACTION, information_block, render_policy_prompt
 from .search import Doc, format_docs
 
 STOP_STRINGS = ["</search>", "</answer>"]
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are encoded with each row (an extra call costs more)
 _ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
@@ -38,12 +40,13 @@ class HFBackend:
     stop string or EOS and then leaves the batch, and the KV cache is kept across turns."""
 
     def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS, stop_in_generate: bool = True,
-                 reuse_cache: bool = True):
+                 reuse_cache: bool = True, share_prefix: bool = True):
         """``stop_in_generate=False`` generates to EOS or the token limit and cuts at the stop string
         afterwards, as the original code does (kept for ``benchmarks/rollout.py``).
-        ``reuse_cache=False`` encodes every prompt from scratch on every call."""
+        ``reuse_cache=False`` encodes every prompt from scratch on every call; ``share_prefix=False``
+        encodes the prompts' common prefix once per row."""
         self.model, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
-        self.stop_in_generate, self.reuse_cache = stop_in_generate, reuse_cache
+        self.stop_in_generate, self.reuse_cache, self.share_prefix = stop_in_generate, reuse_cache, share_prefix
         use_grouped_sdpa_on_cpu(model)  # padded batches: no copy of the KV cache per layer and step
         self.generated_tokens = 0  # tokens the model produced, including any cut off afterwards
         self.prefilled_tokens = 0  # prompt tokens encoded (those taken from the cache are not)
@@ -167,9 +170,7 @@ class HFBackend:
         cache they continue (or None)."""
         if plan is None:
             self._kept = None
-            ids, attn = self._left_pad(prompts)
-            self.prefilled_tokens += sum(len(p) for p in prompts)
-            return ids, attn, None
+            return self._encode_shared_prefix(prompts)
         kept, self._kept = self._kept, None  # the cache is about to grow: never reuse it twice
         rows = [r for r, _ in plan]
         mask = kept["mask"][rows].clone()
@@ -184,6 +185,31 @@ class HFBackend:
         suffix_ids, suffix_mask = self._left_pad([p[used:] for p, (_, used) in zip(prompts, plan)])
         self.prefilled_tokens += int(suffix_mask.sum())
         return suffix_ids, torch.cat([mask.gather(1, order), suffix_mask], 1), cache
+
+    # Every policy prompt opens with the same instruction (93 of a tiny prompt's ~110 tokens), so
+    # a fresh batch encodes that prefix once and lets all rows attend to it, as vLLM's prefix
+    # caching does. Rows then hold [prefix, padding, own tokens]: the mask hides the gap, and
+    # positions count only unmasked tokens, so each row computes what it would alone.
+
+    def _encode_shared_prefix(self, prompts):
+        """The prompts' common prefix encoded once into a fresh cache (when worth it), and the
+        rest of each prompt left padded, as ``_inputs`` returns them."""
+        shared = len(os.path.commonprefix(prompts)) if self.share_prefix and len(prompts) > 1 else 0
+        shared = min(shared, min(len(p) for p in prompts) - 1)  # every row keeps a token to encode
+        if shared < MIN_SHARED_PREFIX:
+            ids, attn = self._left_pad(prompts)
+            self.prefilled_tokens += sum(len(p) for p in prompts)
+            return ids, attn, None
+        cache = GrowingCache()
+        self.model(input_ids=torch.tensor([prompts[0][:shared]], device=self.model.device), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # a view: the first decoding step copies it into each row's buffer
+            layer.keys = layer.keys.expand(len(prompts), -1, -1, -1)
+            layer.values = layer.values.expand(len(prompts), -1, -1, -1)
+        suffix_ids, suffix_mask = self._left_pad([p[shared:] for p in prompts])
+        self.prefilled_tokens += shared + int(suffix_mask.sum())
+        prefix_mask = torch.ones(len(prompts), shared, dtype=suffix_mask.dtype)
+        return suffix_ids, torch.cat([prefix_mask, suffix_mask], 1), cache
 
     def _left_pad(self, rows):
         width = max(len(p) for p in rows)
