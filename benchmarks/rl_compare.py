@@ -1,7 +1,8 @@
 """Side-by-side RL runs on one profile (issue 4's comparison): each variant trains from the same
 policy base with the same seed into ``outputs/<profile>/rl/compare/<name>/`` (resumable: a finished
 run is only evaluated again), then all are evaluated greedily on the held-out questions with the
-real BM25 engine. Prints a table and writes ``outputs/<profile>/rl/compare/results.json``.
+real BM25 engine (1-hop, and 2-hop where the dataset has them). Prints a table and writes
+``outputs/<profile>/rl/compare/results.json``.
 
     .venv/bin/python benchmarks/rl_compare.py [--profile tiny] [--runs grpo ppo reinforce_pp grpo-bm25]
 
@@ -55,30 +56,30 @@ def main() -> None:
     root = base_profile.rl_dir / "compare"
     bm25 = search.make_engine(base_profile.search, base_profile.corpus_path, base_profile.out / "bm25")
     sim = simulator.load_simulator(base_profile)
-    rows = evaluate.heldout_questions(base_profile, base_profile.rl.eval_size)
+    n = base_profile.rl.eval_size
     results_path = root / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if "base" not in results:
-        model, tok = models.load_causal_lm(base_profile.policy_path, base_profile.models.dtype)
-        results["base"] = evaluate.greedy_with_engine(model, tok, rows, bm25, base_profile, desc="base")
+    model, tok = models.load_causal_lm(base_profile.policy_path, base_profile.models.dtype)
+    results["base"] = evaluate.heldout_scores(model, tok, base_profile, bm25, n, desc="base")
     for name in args.runs:
         P = config.load_profile(args.profile, {**json.loads(args.overrides), **run_overrides(name)})
         t = trainer.RLTrainer(P, root / name, simulator=sim, bm25=bm25)
         t.train(resume=True)
         metrics = data.read_rows(t.metrics_path)
         best = t.use_best_policy()  # as notebook 04: the best-validated weights when the profile validates
-        results[name] = {**evaluate.greedy_with_engine(t.policy, t.tokenizer, rows, bm25, P, desc=name),
+        results[name] = {**evaluate.heldout_scores(t.policy, t.tokenizer, P, bm25, n, desc=name),
                          "policy_step": best["step"] if best else len(metrics),
                          "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                          "last_reward": sum(m["reward_mean"] for m in metrics[-10:]) / len(metrics[-10:]),
                          "searched_again_after_noisy": _late_mean(metrics, "searched_again_after_noisy")}
         root.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
-    print("| run | EM | F1 | cover-EM | searches/q | policy step | train min | reward (last 10 steps) | "
-          "searched again after noisy |\n|---|---|---|---|---|---|---|---|---|")
+    print("| run | EM | F1 | cover-EM | searches/q | 2-hop EM | 2-hop searches/q | policy step | train min | "
+          "reward (last 10 steps) | searched again after noisy |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        again = r.get("searched_again_after_noisy")
+        again, two = r.get("searched_again_after_noisy"), r.get("two_hop")
         print(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['cover_em']:.3f} | {r['searches_per_question']:.2f} | "
+              f"{two['em'] if two else float('nan'):.3f} | {two['searches_per_question'] if two else float('nan'):.2f} | "
               f"{r.get('policy_step', '')} | {r.get('train_minutes', 0):.1f} | {r.get('last_reward', float('nan')):.3f} | "
               f"{'' if again is None else f'{again:.2f}'} |")
     spread = seed_spread(results)

@@ -38,6 +38,8 @@ def test_validation_questions_are_the_held_out_splits_last_and_never_evaluated(t
     validation = [r["id"] for r in validation_questions(profile, 200, 300)]
     assert evaluated == one_hop[:300] and validation == one_hop[-200:]
     assert not set(evaluated) & set(validation)
+    two_hop = [r["id"] for r in test_rows if r["hops"] == 2]
+    assert 0 < len(two_hop) < 300 and [r["id"] for r in heldout_questions(profile, 300, hops=2)] == two_hop
     with pytest.raises(ValueError, match=rf"rl.validation_size {len(one_hop)} \+ rl.eval_size 300 .* 'tiny'"):
         validation_questions(profile, len(one_hop), 300)
     with pytest.raises(ValueError, match="rl.validation_size must be at least 1"):

@@ -52,14 +52,15 @@ def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temper
     return score_trajectories(trajs), trajs
 
 
-def heldout_questions(profile, n: int | None = None) -> list[dict]:
+def heldout_questions(profile, n: int | None = None, hops: int = 1) -> list[dict]:
     """The held-out questions every policy evaluation uses: the first ``n`` (default
-    ``data.eval_size``) 1-hop questions of the first evaluation set's test split."""
+    ``data.eval_size``) questions with ``hops`` hops of the first evaluation set's test split
+    (datasets without hop counts count as 1-hop)."""
     from .data import EVAL_SPLIT, load_for_profile
 
     name = profile.data.eval_sets[0]
     rows = load_for_profile(profile, name, EVAL_SPLIT[name]).to_list()
-    return [r for r in rows if r.get("hops", 1) == 1][: n or profile.data.eval_size]
+    return [r for r in rows if r.get("hops", 1) == hops][: n or profile.data.eval_size]
 
 
 def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
@@ -81,4 +82,14 @@ def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc
     scores, _ = evaluate_policy(HFBackend(model, tokenizer), tokenizer, rows,
                                 engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc)
     model.train(was_training)
+    return scores
+
+
+def heldout_scores(model, tokenizer, profile, engine, n: int | None = None, desc: str = "evaluate") -> dict:
+    """Greedy scores on the first ``n`` held-out 1-hop questions and, when the dataset has any, on
+    its 2-hop ones under ``"two_hop"``: what training did to searching more than once."""
+    scores = greedy_with_engine(model, tokenizer, heldout_questions(profile, n), engine, profile, desc=desc)
+    two_hop = heldout_questions(profile, n, hops=2)
+    if two_hop:
+        scores["two_hop"] = greedy_with_engine(model, tokenizer, two_hop, engine, profile, desc=f"{desc}, 2-hop")
     return scores
