@@ -7,8 +7,8 @@ real BM25 engine (1-hop, and 2-hop where the dataset has them). Prints a table a
     .venv/bin/python benchmarks/rl_compare.py [--profile tiny] [--runs grpo ppo reinforce_pp grpo-bm25]
 
 A run name is an algorithm, optionally followed by ``-bm25`` (train against the real engine
-instead of the simulator), ``-nomask`` (no loss mask) and ``-s<N>`` (seed N instead of the
-profile's). Single runs of one configuration differ by several EM points from seed to seed, so
+instead of the simulator), ``-nomask`` (no loss mask), ``-allhops`` (train on 1-hop and 2-hop
+questions: ``rl.max_hops: 0``) and ``-s<N>`` (seed N instead of the profile's). Single runs of one configuration differ by several EM points from seed to seed, so
 compare configurations over a few seeds (``grpo grpo-s1 grpo-s2``): the table ends with each
 configuration's mean and spread.
 """
@@ -31,7 +31,8 @@ def run_overrides(name: str) -> dict:
         if flag.startswith("s") and flag[1:].isdigit():
             out["seed"] = int(flag[1:])
         else:
-            out.update({"bm25": {"rl.engine": "bm25"}, "nomask": {"rl.loss_mask": False}}[flag])
+            out.update({"bm25": {"rl.engine": "bm25"}, "nomask": {"rl.loss_mask": False},
+                        "allhops": {"rl.max_hops": 0}}[flag])
     return out
 
 
