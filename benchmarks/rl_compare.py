@@ -8,9 +8,9 @@ real BM25 engine (1-hop, and 2-hop where the dataset has them). Prints a table a
 
 A run name is an algorithm, optionally followed by ``-bm25`` (train against the real engine
 instead of the simulator), ``-nomask`` (no loss mask), ``-allhops`` (train on 1-hop and 2-hop
-questions: ``rl.max_hops: 0``) and ``-s<N>`` (seed N instead of the profile's). Single runs of one configuration differ by several EM points from seed to seed, so
-compare configurations over a few seeds (``grpo grpo-s1 grpo-s2``): the table ends with each
-configuration's mean and spread.
+questions: ``rl.max_hops: 0``) and ``-s<N>`` (seed N instead of the profile's). Single runs of one
+configuration differ by several EM points from seed to seed, so compare configurations over a few
+seeds (``grpo grpo-s1 grpo-s2``): the table ends with each configuration's mean and spread.
 """
 
 from __future__ import annotations

@@ -44,3 +44,24 @@ def test_validation_questions_are_the_held_out_splits_last_and_never_evaluated(t
         validation_questions(profile, len(one_hop), 300)
     with pytest.raises(ValueError, match="rl.validation_size must be at least 1"):
         validation_questions(profile, 0, 300)  # rows[-0:] would be every question
+
+
+def test_heldout_scores_add_the_two_hop_questions_only_where_the_dataset_has_them(tiny_world, monkeypatch):
+    import datasets
+
+    from zslib import data, evaluate
+    from zslib.config import load_profile
+
+    seen = []
+    monkeypatch.setattr(evaluate, "greedy_with_engine",
+                        lambda model, tok, rows, engine, profile, desc: seen.append(rows) or {"n": len(rows)})
+    profile = load_profile("tiny")
+    test_rows = tiny_world["splits"]["test"]
+    for rows, has_two_hop in ((test_rows, True), ([r for r in test_rows if r["hops"] == 1], False)):
+        monkeypatch.setattr(data, "load_for_profile", lambda p, name, split, rows=rows: datasets.Dataset.from_list(rows))
+        seen.clear()
+        scores = evaluate.heldout_scores(None, None, profile, None, 50)
+        assert {r["hops"] for r in seen[0]} == {1} and scores["n"] == 50
+        assert ("two_hop" in scores) == has_two_hop
+        if has_two_hop:
+            assert {r["hops"] for r in seen[1]} == {2} and scores["two_hop"]["n"] == len(seen[1]) > 0
