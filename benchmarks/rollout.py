@@ -13,7 +13,9 @@
    token ratio depends on the limit: both are reported.
 
 Greedy decoding makes all six produce the same trajectories (checked; the 500-token variant
-differs where a turn runs past the profile's limit), so the ratios compare cost alone. Ratios come from one run on this machine (each variant's fastest of ``--repeats``). Needs notebook 00's policy base.
+differs where a turn runs past the profile's limit), so the ratios compare cost alone. Ratios come
+from one run on this machine (each variant's fastest of ``--repeats``). Needs notebook 00's policy
+base.
 Targets (issue 3): batched >= 5x the per-row loop in trajectories/s, and >= 2x fewer generated
 tokens than generate-to-max.
 
