@@ -19,7 +19,7 @@ base.
 Targets (issue 3): batched >= 5x the per-row loop in trajectories/s, and >= 2x fewer generated
 tokens than generate-to-max.
 
-    .venv/bin/python benchmarks/rollout.py [--profile tiny] [--outputs bench-tiny] [--questions 128] [--per-row 32]
+    .venv/bin/python benchmarks/rollout.py [--profile tiny] [--outputs bench-tiny] [--questions 128] [--per-row N]
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--outputs", default=None, help="read models and data from outputs/<this> (default: the profile's)")
     ap.add_argument("--questions", type=int, default=128)
-    ap.add_argument("--per-row", type=int, default=32, help="rows for the (slow) per-row loop")
+    ap.add_argument("--per-row", type=int, default=None,
+                    help="rows for the (slow) per-row loop (default: all; fewer rows differ in length, which biases the ratio)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant; the fastest counts")
     ap.add_argument("--batch-size", type=int, default=None, help="override rollout.batch_size (rows per batched call)")
     args = ap.parse_args()
