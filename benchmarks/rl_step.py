@@ -9,6 +9,7 @@ at most 10 minutes on 2 cores). Needs notebooks 00-03's models.
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import tempfile
 
@@ -39,7 +40,7 @@ def main() -> None:
                       "response_tokens", "searches_per_answer", "tokens_per_s")}
     validations = [m["validation_seconds"] for m in metrics if "validation_seconds" in m]
     every = P.rl.validate_every
-    n_validations = (P.rl.steps // every + (P.rl.steps % every > 0)) if every > 0 else 0
+    n_validations = math.ceil(P.rl.steps / every) if every > 0 else 0  # every-th step and the last
     validation_s = sum(validations) / len(validations) if validations else 0.0
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     rollouts = P.rl.questions_per_step * P.rl.group_size

@@ -40,18 +40,17 @@ def main() -> None:
     rows = data.sample_questions(P, P.data.train_sets, "train", 10 ** 9, seed=P.seed)
     by_hops = {h: [r for r in rows if r.get("hops", 1) == h][:args.questions] for h in (1, 2)}
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)
-    engine = simulator.SimulatedEngine(*simulator.load_simulator(P), P.simulator)
-    engines = {"bm25": lambda: rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"),
-                                                        P.search.topk),
-               "simulator, useful": lambda: simulator.simulator_search_fn(engine, P.search.topk, 0.0,
-                                                                          torch.Generator().manual_seed(P.seed))}
+    bm25 = search.make_engine(P.search, P.corpus_path, P.out / "bm25")
+    sim = simulator.SimulatedEngine(*simulator.load_simulator(P), P.simulator)
+    search_fns = {"bm25": rollout.engine_search_fn(bm25, P.search.topk),  # noise 0: every call useful
+                  "simulator, useful": simulator.simulator_search_fn(sim, P.search.topk, 0.0, torch.Generator())}
     print(f"policy base at temperature {P.rollout.temperature}, {args.questions} training questions per row\n")
     print("| questions | engine | EM | searches/q | EM, 1 search | EM, 2+ searches | first search's docs hold the answer |")
     print("|---|---|---|---|---|---|---|")
     for hops, questions in by_hops.items():
-        for name, make_search_fn in engines.items():
+        for name, search_fn in search_fns.items():
             torch.manual_seed(P.seed)
-            scores, trajs = evaluate.evaluate_policy(rollout.HFBackend(model, tok), tok, questions, make_search_fn(),
+            scores, trajs = evaluate.evaluate_policy(rollout.HFBackend(model, tok), tok, questions, search_fn,
                                                      P.rollout, P.rollout.temperature, desc=f"{hops}-hop, {name}")
             split = scores["em_by_searches"]
             cell = {k: f"{split[k]['em']:.3f} (n {split[k]['n']})" if k in split else "" for k in ("1", "2+")}

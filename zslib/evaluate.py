@@ -66,9 +66,9 @@ def heldout_questions(profile, n: int | None = None, hops: int = 1) -> list[dict
 def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
     """The last ``n`` 1-hop questions of the held-out split, for validation during training: disjoint
     from the first ``evaluated`` ones that ``heldout_questions`` gives the final evaluation."""
-    rows = heldout_questions(profile, 10 ** 9)
     if n < 1:
         raise ValueError(f"rl.validation_size must be at least 1 when rl.validate_every > 0, got {n}")
+    rows = heldout_questions(profile, 10 ** 9)
     if n + evaluated > len(rows):
         raise ValueError(f"rl.validation_size {n} + rl.eval_size {evaluated} is more than the "
                          f"{len(rows)} held-out 1-hop questions of {profile.data.eval_sets[0]!r}")
