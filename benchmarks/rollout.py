@@ -1,8 +1,8 @@
-"""Multi-turn rollout speed on the tiny policy base: six ways to run the same greedy rollouts.
+"""Multi-turn rollout speed on the tiny policy base: seven ways to run the same greedy rollouts.
 
 1. batched: all rows together, generation stops at ``</search>``/``</answer>`` (``zslib.rollout``),
-   the prompts' shared instruction is encoded once, and each turn encodes only the tokens
-   appended since the last (the KV cache is kept);
+   the prompts' shared instruction is encoded once, each turn encodes only the tokens appended
+   since the last (the KV cache is kept), and rows of similar length are encoded together;
 2. per-row: the same loop, one row at a time;
 3. generate-to-max: batched, but each turn generates to EOS or the token limit and is cut at the
    stop string afterwards, as the original code does;
@@ -10,9 +10,10 @@
 5. batched without the shared prefix: each row encodes the instruction itself;
 6. generate-to-max at the original's limit of 500 tokens per turn (DESIGN §2) instead of the
    profile's (tiny: 48). Generate-to-max wastes at most the limit minus the turn's length, so the
-   token ratio depends on the limit: both are reported.
+   token ratio depends on the limit: both are reported;
+7. batched with one prefill call per turn: every row's new tokens padded to the longest row's.
 
-Greedy decoding makes all six produce the same trajectories (checked; the 500-token variant
+Greedy decoding makes all seven produce the same trajectories (checked; the 500-token variant
 differs where a turn runs past the profile's limit), so the ratios compare cost alone. Ratios come
 from one run on this machine (each variant's fastest of ``--repeats``). Needs notebook 00's policy
 base.
@@ -35,13 +36,15 @@ from zslib import config, data, models, rollout, search
 
 def run(backend, tokenizer, rows, search_fn, cfg, batch_size):
     start, tokens0, prefill0 = time.time(), backend.generated_tokens, backend.prefilled_tokens
+    positions0 = backend.prefill_positions
     trajs = []
     for i in range(0, len(rows), batch_size):
         trajs += rollout.rollout(backend, tokenizer, rows[i:i + batch_size], search_fn, cfg, temperature=0.0)
     seconds = time.time() - start
     return trajs, {"seconds": seconds, "traj_per_s": len(rows) / seconds,
                    "generated_tokens": backend.generated_tokens - tokens0,
-                   "prefilled_tokens": backend.prefilled_tokens - prefill0, "n": len(rows)}
+                   "prefilled_tokens": backend.prefilled_tokens - prefill0,
+                   "prefill_positions": backend.prefill_positions - positions0, "n": len(rows)}
 
 
 ORIGINAL_TOKENS_PER_TURN = 500
@@ -54,6 +57,7 @@ VARIANTS = {  # name: (label, HFBackend options, per-row?, the original's token 
                    False, True),
     "recoded": ("batched, stop strings, no kept cache", dict(reuse_cache=False), False, False),
     "unshared": ("batched, stop strings, no shared prefix", dict(share_prefix=False), False, False),
+    "one_prefill": ("batched, stop strings, one padded prefill", dict(prefill_groups=1), False, False),
 }
 
 
@@ -89,14 +93,16 @@ def main() -> None:
             if name not in best or stats["seconds"] < best[name][1]["seconds"]:
                 best[name] = (trajs, stats)
 
-    print(f"\n{'method':45s} {'rows':>5s} {'seconds':>8s} {'traj/s':>8s} {'gen tokens/traj':>16s} {'encoded/traj':>13s}")
+    print(f"\n{'method':45s} {'rows':>5s} {'seconds':>8s} {'traj/s':>8s} {'gen tokens/traj':>16s} {'encoded/traj':>13s} "
+          f"{'prefill positions/traj':>23s}")
     for name, (label, *_) in VARIANTS.items():
         r = best[name][1]
         print(f"{label:45s} {r['n']:5d} {r['seconds']:8.1f} {r['traj_per_s']:8.2f} "
-              f"{r['generated_tokens'] / r['n']:16.1f} {r['prefilled_tokens'] / r['n']:13.1f}")
+              f"{r['generated_tokens'] / r['n']:16.1f} {r['prefilled_tokens'] / r['n']:13.1f} "
+              f"{r['prefill_positions'] / r['n']:23.1f}")
     speed = {name: stats["traj_per_s"] for name, (_, stats) in best.items()}
     tokens = {name: stats["generated_tokens"] / stats["n"] for name, (_, stats) in best.items()}
-    print(f"\n{'ratio':60s} {'value':>7s} {'target':>7s}")
+    print(f"\n{'ratio':66s} {'value':>7s} {'target':>7s}")
     for label, value, target in (
             ("batched / per-row (trajectories per second)", speed["batched"] / speed["single"], ">= 5"),
             (f"generate-to-max / batched (generated tokens), {cfg.max_tokens_per_turn} tokens/turn",
@@ -107,8 +113,10 @@ def main() -> None:
             (f"  the same, generate-to-max at the original's {ORIGINAL_TOKENS_PER_TURN}",
              speed["batched"] / speed["to_max_500"], ""),
             ("kept cache / none (trajectories per second)", speed["batched"] / speed["recoded"], ""),
-            ("shared prefix / none (trajectories per second)", speed["batched"] / speed["unshared"], "")):
-        print(f"{label:60s} {value:7.2f} {target:>7s}")
+            ("shared prefix / none (trajectories per second)", speed["batched"] / speed["unshared"], ""),
+            ("prefill by length / one padded prefill (trajectories per second)",
+             speed["batched"] / speed["one_prefill"], "")):
+        print(f"{label:66s} {value:7.2f} {target:>7s}")
     reference = best["batched"][0]
     same = {name: f"{sum(x.token_ids == y.token_ids for x, y in zip(reference, trajs))}/{len(trajs)}"
             for name, (trajs, _) in best.items() if name != "batched"}

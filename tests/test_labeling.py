@@ -32,6 +32,38 @@ def test_contains_judge_overrides_v1_and_keeps_the_old_label():
     assert [(p["useful"], p["v1_useful"]) for p in judged] == [(False, True), (True, True), (True, False)]
 
 
+def test_with_evidence_the_judge_calls_a_supporting_document_useful():
+    # A 2-hop question: its first search finds the bridge (Xo Ba), whose own article holds the answer.
+    rows = [{"question": "Where was the author of Book Q born?", "supporting_titles": ["Book Q", "Xo Ba"]},
+            {"question": "Where was Xo Ba born?"}]  # a dataset row without supporting titles
+    evidence = labeling.supporting_titles(rows)
+    assert evidence == {rows[0]["question"]: {"Book Q", "Xo Ba"}}
+    first_hop = [["Book Q", "Book Q was written by Xo Ba."]]
+    pairs = [{"question": rows[0]["question"], "golden_answers": ["Tavin"], "docs": first_hop},
+             {"question": rows[0]["question"], "golden_answers": ["Tavin"], "docs": DOCS_WITHOUT},
+             {"question": rows[0]["question"], "golden_answers": ["Tavin"], "docs": DOCS_WITH},
+             {"question": rows[1]["question"], "golden_answers": ["Tavin"], "docs": first_hop}]
+    assert labeling.judge_contains(pairs) == [False, False, True, False]
+    assert labeling.judge_contains(pairs, evidence) == [True, False, True, False]
+
+
+def test_counterparts_with_evidence_for_first_hops(bm25, tiny_world):
+    rows = [r for r in tiny_world["splits"]["train"] if r["hops"] == 2][:30]
+    evidence = labeling.supporting_titles(rows)
+    pairs = [{"question": r["question"], "golden_answers": r["golden_answers"], "query": r["subject"],
+              "docs": [], "useful": i % 2 == 0, "source": "trajectory"} for i, r in enumerate(rows)]
+    added = labeling.add_counterparts(pairs, bm25, k=3, evidence=evidence)[len(pairs):]
+    assert len(added) >= 20 and {p["useful"] for p in added} == {True, False}
+    for p in added:
+        titles = {t for t, _ in p["docs"]}
+        supporting = evidence[p["question"]]
+        holds_answer = any(p["golden_answers"][0] in text for _, text in p["docs"])
+        if p["useful"]:  # the query names the first hop's subject: its article comes first
+            assert p["docs"][0][0] in supporting or p["golden_answers"][0] in p["docs"][0][1]
+        else:
+            assert not titles & supporting and not holds_answer
+
+
 def test_deduplicate_and_balance():
     p = lambda q, useful: {"question": "Q?", "query": q, "useful": useful, "docs": [[q, q]], "golden_answers": ["a"],
                            "source": "trajectory"}

@@ -3,7 +3,8 @@ import torch
 
 from zslib.config import RolloutConfig
 from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
-from zslib.rollout import STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, engine_search_fn, parse_action, rollout
+from zslib.rollout import (STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, engine_search_fn, length_groups,
+                           parse_action, rollout)
 from zslib.search import Doc, format_docs
 
 
@@ -192,19 +193,56 @@ def test_sharing_the_prompts_common_prefix_changes_no_output_and_encodes_it_once
     shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)  # the instruction
     assert shared >= 16
     alone, together = HFBackend(model, tokenizer, share_prefix=False), HFBackend(model, tokenizer)
-    for temperature in (0.0, 1.0):
-        outputs, encoded = [], []
-        for backend in (alone, together):
-            torch.manual_seed(0)
-            before = backend.prefilled_tokens
-            outputs.append(backend.generate(prompts, 40, temperature, 1.0))
-            encoded.append(backend.prefilled_tokens - before)
-        assert outputs[0] == outputs[1]
+    # The next turn continues from the kept cache, whose rows now start with the shared columns.
+    block = tokenizer("<information> x </information>", add_special_tokens=False)["input_ids"]
+    for encoded in assert_same_outputs(alone, together, prompts, [block] * len(prompts), "prefilled_tokens"):
         assert encoded == [sum(len(p) for p in prompts), sum(len(p) for p in prompts) - (len(prompts) - 1) * shared]
-        # The next turn continues from the kept cache, whose rows now start with the shared columns.
-        longer = [p + out + tokenizer("<information> x </information>", add_special_tokens=False)["input_ids"]
-                  for p, out in zip(prompts, outputs[0])]
+
+
+def assert_same_outputs(reference, other, prompts, next_turn, counter):
+    """Two backends give the same tokens, greedy and sampled, for a fresh batch and for the next
+    turn (each row extended by ``next_turn[i]``), which continues from their kept caches. Returns,
+    per temperature, how much each backend's ``counter`` grew on the fresh batch."""
+    grown = []
+    for temperature in (0.0, 1.0):
+        outputs, counts = [], []
+        for backend in (reference, other):
+            torch.manual_seed(0)
+            before = getattr(backend, counter)
+            outputs.append(backend.generate(prompts, 40, temperature, 1.0))
+            counts.append(getattr(backend, counter) - before)
+        assert outputs[0] == outputs[1]
+        grown.append(counts)
+        longer = [p + out + extra for p, out, extra in zip(prompts, outputs[0], next_turn)]
         torch.manual_seed(1)
-        expected = alone.generate(longer, 20, temperature, 1.0, continuing=True)
+        expected = reference.generate(longer, 20, temperature, 1.0, continuing=True)
         torch.manual_seed(1)
-        assert together.generate(longer, 20, temperature, 1.0, continuing=True) == expected
+        assert other.generate(longer, 20, temperature, 1.0, continuing=True) == expected
+    return grown
+
+
+def test_length_groups_cut_where_padding_is_saved():
+    lengths = [5, 50] * 10  # two kinds of row, interleaved
+    groups = length_groups(lengths, 4)
+    assert groups == [(list(range(0, 20, 2)), 5), (list(range(1, 20, 2)), 50)]  # 550 positions instead of 1000
+    assert length_groups(lengths, 1) == [(list(range(20)), 50)]
+    assert length_groups([7] * 40, 4) == [(list(range(40)), 7)]  # nothing to save
+    assert len(length_groups([5, 50] * 7, 4)) == 1  # 7 rows of each: groups would be under 8 rows
+    # Cutting 1..40 saves 8·(40−8) = 256 positions at 8, ≥ 5% of 40·40 = 80; four groups at most.
+    groups = length_groups(list(range(40, 0, -1)), 4)
+    assert len(groups) == 4 and sorted(r for g, _ in groups for r in g) == list(range(40))
+    assert all(w == max(40 - r for r in g) for g, w in groups)
+
+
+def test_prefilling_rows_of_similar_length_together_changes_no_output(protocol_model, tokenizer):
+    model, rows = protocol_model
+    filler = tokenizer("<information> " + "Xo Ba was born in Tavin. " * 8 + "</information>",
+                       add_special_tokens=False)["input_ids"]
+    # Half the prompts carry a long block: one padded prefill would spend most positions on padding.
+    prompts = [tokenizer(render_policy_prompt(tokenizer, r["question"]), add_special_tokens=False)["input_ids"]
+               + (filler if i % 2 else []) for i, r in enumerate(rows)]
+    padded, grouped = HFBackend(model, tokenizer, prefill_groups=1), HFBackend(model, tokenizer)
+    # The next turn (rows of different lengths again) continues from the joined cache.
+    next_turn = [filler[:3 + i] for i in range(len(prompts))]
+    for positions in assert_same_outputs(padded, grouped, prompts, next_turn, "prefill_positions"):
+        assert positions[1] < 0.75 * positions[0]

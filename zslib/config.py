@@ -106,6 +106,7 @@ class LabelingConfig:
     threshold: float = 0.5
     judge: str = "none"           # none (v1) | contains (answer string in the documents) | llm (v2)
     judge_model: str | None = None
+    evidence: bool = False        # contains: a dataset's supporting documents count as useful too (see README)
     balance: bool = True          # as many useful as noisy pairs
     paired: bool = True           # add each query's other label from the real engine (DESIGN §10)
     invented: int = 0             # extra paired examples about invented entities (tiny profile)

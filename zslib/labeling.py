@@ -4,7 +4,8 @@
   documents *useful*; a wrong one makes them *noisy*.
 - v2: a judge looks at each (query, documents) and says whether they hold the answer:
   ``contains`` checks the answer string (exact for the tiny world, whose articles state facts
-  verbatim), ``llm`` asks a model.
+  verbatim) or, where the dataset names each question's supporting documents, one of those
+  (``evidence``); ``llm`` asks a model.
 - Pairs are deduplicated, optionally completed with each query's other label from the real
   engine (*paired* examples: same prompt but the keyword, so only the keyword and the answer in
   the prompt tell them apart), optionally joined by examples about invented entities (the
@@ -45,8 +46,23 @@ def _docs(pair: dict) -> list[Doc]:
     return [Doc(t, x) for t, x in pair["docs"]]
 
 
-def judge_contains(pairs: list[dict]) -> list[bool]:
-    return [contains_answer(_docs(p), p["golden_answers"]) for p in pairs]
+def supporting_titles(rows: list[dict]) -> dict[str, set[str]]:
+    """question -> titles of the documents its answer rests on, for datasets that record them
+    (the tiny world, as HotpotQA records supporting facts); empty for the others."""
+    return {r["question"]: set(r["supporting_titles"]) for r in rows if r.get("supporting_titles")}
+
+
+def holds_evidence(docs: list[Doc], answers: list[str], titles: set[str] = frozenset()) -> bool:
+    """The documents state an answer, or one of them is a supporting document (``titles``)."""
+    return contains_answer(docs, answers) or any(d.title in titles for d in docs)
+
+
+def judge_contains(pairs: list[dict], evidence: dict[str, set[str]] | None = None) -> list[bool]:
+    """Useful when the documents state the answer or, with ``evidence`` (``supporting_titles``),
+    hold a supporting document: a 2-hop question's first search finds the bridge entity, not the
+    answer (option ``labeling.evidence``; on the tiny world it did not help, see the README)."""
+    evidence = evidence or {}
+    return [holds_evidence(_docs(p), p["golden_answers"], evidence.get(p["question"], set())) for p in pairs]
 
 
 JUDGE_PROMPT = ("Question: {question}\nAnswer: {answer}\nDocuments:\n{docs}\n\n"
@@ -95,11 +111,13 @@ def with_k_docs(pairs: list[dict], k: int) -> list[dict]:
     return [{**p, "docs": p["docs"][:k]} for p in pairs if len(p["docs"]) >= k]
 
 
-def useful_docs(engine, query: str, question: str, answers: list[str], k: int) -> list[Doc] | None:
-    """The engine's results for the query, with an answer-bearing document first (found with the
-    question if the query misses it); None when the engine has none."""
+def useful_docs(engine, query: str, question: str, answers: list[str], k: int,
+                titles: set[str] = frozenset()) -> list[Doc] | None:
+    """The engine's results for the query, with a document holding the answer (or a supporting
+    document, ``titles``) first, found with the question if the query misses it; None when the
+    engine has none."""
     results, by_question = engine.search([query, question], 3 * k)
-    holding = [d for d in results + by_question if contains_answer([d], answers)]
+    holding = [d for d in results + by_question if holds_evidence([d], answers, titles)]
     if not holding:
         return None
     docs = [holding[0]]
@@ -109,15 +127,17 @@ def useful_docs(engine, query: str, question: str, answers: list[str], k: int) -
     return docs
 
 
-def noisy_docs(engine, query: str, answers: list[str], k: int) -> list[Doc] | None:
-    """Related results for the query with every answer-bearing document removed."""
+def noisy_docs(engine, query: str, answers: list[str], k: int, titles: set[str] = frozenset()) -> list[Doc] | None:
+    """Related results for the query with every answer-bearing (or supporting) document removed."""
     results = engine.search([query], 4 * k)[0]
-    kept = [d for d in results if not contains_answer([d], answers)][:k]
+    kept = [d for d in results if not holds_evidence([d], answers, titles)][:k]
     return kept if len(kept) == k else None
 
 
-def add_counterparts(pairs: list[dict], engine, k: int) -> list[dict]:
-    """For each (question, query) with one label, build the other from the real engine."""
+def add_counterparts(pairs: list[dict], engine, k: int, evidence: dict[str, set[str]] | None = None) -> list[dict]:
+    """For each (question, query) with one label, build the other from the real engine
+    (``evidence``: as for ``judge_contains``)."""
+    evidence = evidence or {}
     labels: dict[tuple, set] = {}
     for p in pairs:
         labels.setdefault(_key(p), set()).add(p["useful"])
@@ -127,9 +147,9 @@ def add_counterparts(pairs: list[dict], engine, k: int) -> list[dict]:
         if len(labels[key]) == 2 or key in done:
             continue
         done.add(key)
-        want_useful = not p["useful"]
-        docs = (useful_docs(engine, p["query"], p["question"], p["golden_answers"], k) if want_useful
-                else noisy_docs(engine, p["query"], p["golden_answers"], k))
+        want_useful, titles = not p["useful"], evidence.get(p["question"], set())
+        docs = (useful_docs(engine, p["query"], p["question"], p["golden_answers"], k, titles) if want_useful
+                else noisy_docs(engine, p["query"], p["golden_answers"], k, titles))
         if docs:
             out.append({"question": p["question"], "golden_answers": p["golden_answers"], "query": p["query"],
                         "docs": [[d.title, d.text] for d in docs], "useful": want_useful, "source": "counterpart"})

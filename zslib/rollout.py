@@ -24,6 +24,9 @@ from .search import Doc, format_docs
 
 STOP_STRINGS = ["</search>", "</answer>"]
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are encoded with each row (an extra call costs more)
+PREFILL_GROUPS = 4  # at most this many prefill calls per batch, each for rows of similar length
+MIN_PREFILL_GROUP = 8  # rows; a smaller group's call costs more than the padding it saves
+MIN_PREFILL_SAVING = 0.05  # a further group must save this share of the padded positions
 _ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
@@ -40,16 +43,19 @@ class HFBackend:
     stop string or EOS and then leaves the batch, and the KV cache is kept across turns."""
 
     def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS, stop_in_generate: bool = True,
-                 reuse_cache: bool = True, share_prefix: bool = True):
+                 reuse_cache: bool = True, share_prefix: bool = True, prefill_groups: int = PREFILL_GROUPS):
         """``stop_in_generate=False`` generates to EOS or the token limit and cuts at the stop string
         afterwards, as the original code does (kept for ``benchmarks/rollout.py``).
         ``reuse_cache=False`` encodes every prompt from scratch on every call; ``share_prefix=False``
-        encodes the prompts' common prefix once per row."""
+        encodes the prompts' common prefix once per row; ``prefill_groups=1`` encodes all rows'
+        new tokens in one call, padded to the longest."""
         self.model, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
         self.stop_in_generate, self.reuse_cache, self.share_prefix = stop_in_generate, reuse_cache, share_prefix
+        self.prefill_groups = prefill_groups
         use_grouped_sdpa_on_cpu(model)  # padded batches: no copy of the KV cache per layer and step
         self.generated_tokens = 0  # tokens the model produced, including any cut off afterwards
         self.prefilled_tokens = 0  # prompt tokens encoded (those taken from the cache are not)
+        self.prefill_positions = 0  # positions the prefill computed: those tokens and their padding
         self.pad_id = tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -85,9 +91,8 @@ class HFBackend:
         warpers = ([TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
                    if temperature > 0 else [])
         new, fed, done, parked = [[] for _ in range(batch)], [0] * batch, [False] * batch, []
+        logits = self._prefill(inputs, attn, positions, cache)
         for _ in range(max_new_tokens):
-            logits = self.model(input_ids=inputs, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
             picked = self._pick(logits, rows, batch, warpers)
             for j, r in enumerate(rows):
                 if not done[r]:
@@ -112,9 +117,46 @@ class HFBackend:
             inputs = torch.tensor([[token] for token, _ in feed], device=device)
             attn = torch.cat([attn, torch.tensor([[valid] for _, valid in feed], dtype=attn.dtype, device=device)], 1)
             positions = positions[:, -1:] + 1
+            logits = self._forward(inputs, attn, positions, cache)
         if not self.reuse_cache:
             return new, fed, None, None
         return new, fed, *self._unpark(cache, attn, rows, parked, batch)
+
+    def _forward(self, ids, attn, positions, cache) -> torch.Tensor:
+        """The next-token logits of each row; the cache grows by ``ids``' columns."""
+        return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+    # The new tokens of a batch are left padded to the longest row's. In a tiny rollout that
+    # padding was 17% of the positions the prefill computed, and the prefill half of the time, so
+    # rows of similar length are encoded together and their caches joined afterwards.
+
+    def _prefill(self, ids, attn, positions, cache) -> torch.Tensor:
+        """Encode every row's new tokens into ``cache`` (in place); the last position's logits."""
+        width, past = ids.shape[1], attn.shape[1] - ids.shape[1]
+        groups = length_groups(attn[:, past:].sum(1).tolist(), self.prefill_groups)
+        self.prefill_positions += sum(len(g) * w for g, w in groups)
+        if len(groups) == 1:
+            return self._forward(ids, attn, positions, cache)
+        logits, joined = None, []
+        for rows, w in groups:
+            index = torch.tensor(rows, device=ids.device)
+            part = GrowingCache()
+            for layer in cache.layers:  # the rows' past columns
+                part.layers.append(_GrowingLayer.holding(layer.keys[index], layer.values[index]))
+            part_attn = torch.cat([attn[index, :past], attn[index, attn.shape[1] - w:]], 1)
+            part_logits = self._forward(ids[index, width - w:], part_attn, positions[index, width - w:], part)
+            if logits is None:
+                logits = part_logits.new_empty(ids.shape[0], part_logits.shape[-1])
+                joined = [[layer.keys.new_zeros(ids.shape[0], layer.keys.shape[1], past + width, layer.keys.shape[3])
+                           for _ in "kv"] for layer in part.layers]
+            logits[index] = part_logits
+            for pair, layer in zip(joined, part.layers):  # each row: [past, padding, its own tokens]
+                for whole, states in zip(pair, (layer.keys, layer.values)):
+                    whole[index, :, :past] = states[:, :, :past]
+                    whole[index, :, past + width - w:] = states[:, :, past:]
+        cache.layers = [_GrowingLayer.holding(keys, values) for keys, values in joined]
+        return logits
 
     def _pick(self, logits, rows, batch, warpers) -> list[int]:
         """The next token of each running row: argmax, or a sample drawn as ``generate`` draws it
@@ -254,10 +296,42 @@ class HFBackend:
         return self._ends[token_id]
 
 
+def length_groups(lengths: list[int], max_groups: int) -> list[tuple[list[int], int]]:
+    """Rows split into at most ``max_groups`` groups of similar length, as (row indices, the
+    group's longest length). Groups are runs of the rows sorted by length, cut where a cut saves
+    the most padding, while a cut saves at least ``MIN_PREFILL_SAVING`` of the single call's
+    positions and leaves groups of at least ``MIN_PREFILL_GROUP`` rows."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    cuts = [0, len(order)]  # group g is order[cuts[g]:cuts[g + 1]]
+    while len(cuts) - 1 < max_groups:
+        best = None
+        for g in range(len(cuts) - 1):
+            lo, hi = cuts[g], cuts[g + 1]
+            for c in range(lo + MIN_PREFILL_GROUP, hi - MIN_PREFILL_GROUP + 1):
+                # Rows lo..c-1 pad to lengths[order[c-1]] instead of the group's longest.
+                saved = (c - lo) * (lengths[order[hi - 1]] - lengths[order[c - 1]])
+                if best is None or saved > best[0]:
+                    best = (saved, c)
+        if best is None or best[0] < MIN_PREFILL_SAVING * len(lengths) * max(lengths):
+            break
+        cuts = sorted(cuts + [best[1]])
+    if len(cuts) == 2:
+        return [(list(range(len(lengths))), max(lengths))]
+    return [(order[a:b], lengths[order[b - 1]]) for a, b in zip(cuts, cuts[1:])]
+
+
 class _GrowingLayer(DynamicLayer):
     """A key/value cache layer that writes each step's keys and values into spare room of a
     buffer. transformers' ``DynamicLayer`` concatenates instead, copying the whole cache at every
     step: a sixth of a tiny rollout's time."""
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "_GrowingLayer":
+        """A layer that starts from these keys and values (its first update copies them)."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values, layer._room = keys, values, None
+        return layer
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
