@@ -6,7 +6,7 @@ once against BM25 and once against the fine-tuned simulator serving useful docum
 and how often the first search's documents already hold the final answer.
 
 The simulator is told the gold answer (DESIGN §3), and notebook 02's ``contains`` judge labels
-documents useful only when they hold it. So for a 2-hop question's first hop, which a real engine
+documents useful only when they hold it (``labeling.evidence``, off by default, changes that). So for a 2-hop question's first hop, which a real engine
 answers with the bridge entity alone, the simulator tends to write the final answer in. One search
 then pays against the simulator but never against BM25, which is what RL learns from (README,
 "What RL does to 2-hop questions"). Needs notebooks 00 and 03.
@@ -42,8 +42,9 @@ def main() -> None:
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)
     bm25 = search.make_engine(P.search, P.corpus_path, P.out / "bm25")
     sim = simulator.SimulatedEngine(*simulator.load_simulator(P), P.simulator)
-    search_fns = {"bm25": rollout.engine_search_fn(bm25, P.search.topk),  # noise 0: every call useful
-                  "simulator, useful": simulator.simulator_search_fn(sim, P.search.topk, 0.0, torch.Generator())}
+    search_fns = {"bm25": rollout.engine_search_fn(bm25, P.search.topk),  # k as in RL for each engine
+                  "simulator, useful": simulator.simulator_search_fn(sim, P.simulator.topk, 0.0,  # noise 0
+                                                                     torch.Generator())}
     print(f"policy base at temperature {P.rollout.temperature}, {args.questions} training questions per row\n")
     print("| questions | engine | EM | searches/q | EM, 1 search | EM, 2+ searches | first search's docs hold the answer |")
     print("|---|---|---|---|---|---|---|")
