@@ -69,6 +69,32 @@ def test_demonstrations_never_train_the_prompt(tokenizer, tiny_world, bm25):
         assert searched > 40, "most demonstrations search"
 
 
+def test_memory_relations_are_answered_without_a_search_in_their_share_of_demonstrations(tokenizer, tiny_world, bm25):
+    by_name = {e["name"]: e for e in tiny_world["entities"]}
+    rows = tiny_world["splits"]["train"][:400]
+    is_year = [r["relation"].split("/")[-1] == "birth_year" for r in rows]
+
+    def skip_shares(**memory) -> tuple[float, float]:
+        demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1, **memory)
+        skipped = ["<search>" not in tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m]) for ex in demos]
+        return tuple(sum(s for s, y in zip(skipped, is_year) if y == want) / sum(y == want for y in is_year)
+                     for want in (True, False))
+
+    assert sum(is_year) >= 40
+    # 0.7 and 0.08, give or take sampling noise (about 60 and 340 questions)
+    memory, other = skip_shares(memory_relations=["birth_year"], memory_share=0.7)
+    assert 0.5 < memory < 0.9 and other < 0.15
+    memory, other = skip_shares()
+    assert memory < 0.25 and other < 0.15
+
+
+@pytest.mark.parametrize("override", [{"tiny.memory_relations": ["birth_yr"]}, {"tiny.memory_share": 1.5}])
+def test_bad_memory_settings_name_the_field(override):
+    from zslib.config import ConfigError, load_profile
+    with pytest.raises(ConfigError, match=next(iter(override))):
+        tiny.policy_examples(load_profile("tiny", override), None, None, [], [], [])
+
+
 def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
     cfg = TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
                      lr=3e-3, warmup_steps=5, batch_tokens=2048)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
 from .world import RELATION_KEYWORDS, RELATIONS, Namer, invented_world
@@ -166,21 +167,27 @@ def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: d
 
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
                    known: set[str], topk: int, seed: int, per_question: int,
-                   train_docs: bool = False) -> list[Example]:
+                   train_docs: bool = False, memory_relations=(), memory_share: float = 0.0) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
     The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
     <information> blocks carry loss too: articles repeat their subject's name, so predicting
     them is copying practice, the skill the policy needs most (it must copy unseen names from
     the question into its query and from the documents into its answer).
+
+    A question whose last relation is in ``memory_relations`` is answered without a search in
+    ``memory_share`` of its demonstrations (other questions: 8%). The guess is right only for a
+    1-hop question about an entity the policy read about, so on held-out questions it is a wrong
+    guess that RL can fix only by searching.
     """
     rng = random.Random(seed)
     plans = []
     for q in questions:
+        no_search = memory_share if q["relation"].split("/")[-1] in memory_relations else 0.08
         for _ in range(per_question):
             u = rng.random()
-            style = ("no_search" if u < 0.08 else "poor_query" if u < 0.18 else
-                     "wrong_pick" if u < 0.24 else "good")
+            style = ("no_search" if u < no_search else "poor_query" if u < no_search + 0.10 else
+                     "wrong_pick" if u < no_search + 0.16 else "good")
             plans.append((q, style))
     # Batch every first query through the engine at once: bm25s is fast on batches.
     first_queries = []
@@ -406,13 +413,19 @@ def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: 
                     train_rows: list[dict]) -> list[Example]:
     """Known train-split articles, scripted demonstrations, and copy drills to keep that skill."""
     cfg = profile.tiny
+    unknown = sorted(set(cfg.memory_relations) - set(RELATIONS))
+    if unknown:
+        raise ConfigError(f"tiny.memory_relations: unknown relation {unknown[0]!r} (known: {', '.join(RELATIONS)})")
+    if not 0 <= cfg.memory_share <= 1:
+        raise ConfigError(f"tiny.memory_share: expected a share from 0 to 1, got {cfg.memory_share}")
     known = known_subjects(train_rows, cfg.known_fraction, profile.seed)
     by_name = {e["name"]: e for e in entities}
     known_texts = [f"{a['title']}\n{a['text']}" for a in articles if a["title"] in known]
     examples = pack_texts(tokenizer, known_texts * 2, max_len=256, seed=profile.seed)
     examples += scripted_demos(tokenizer, train_rows, engine, by_name, known, profile.search.topk,
                                seed=profile.seed, per_question=cfg.demos_per_question,
-                               train_docs=cfg.demo_loss_on_information)
+                               train_docs=cfg.demo_loss_on_information,
+                               memory_relations=cfg.memory_relations, memory_share=cfg.memory_share)
     return examples + copy_drills(tokenizer, cfg.copy_drills, seed=profile.seed + 8)
 
 
