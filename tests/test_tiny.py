@@ -69,26 +69,24 @@ def test_demonstrations_never_train_the_prompt(tokenizer, tiny_world, bm25):
         assert searched > 40, "most demonstrations search"
 
 
-def test_memory_relations_are_answered_without_a_search_in_their_share_of_demonstrations(tokenizer, tiny_world, bm25):
+def test_memory_relations_add_answers_without_a_search_and_change_no_other_demonstration(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
-    rows = tiny_world["splits"]["train"][:400]
-    is_year = [r["relation"].split("/")[-1] == "birth_year" for r in rows]
-
-    def skip_shares(**memory) -> tuple[float, float]:
-        demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1, **memory)
-        skipped = ["<search>" not in tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m]) for ex in demos]
-        return tuple(sum(s for s, y in zip(skipped, is_year) if y == want) / sum(y == want for y in is_year)
-                     for want in (True, False))
-
-    assert sum(is_year) >= 40
-    # 0.7 and 0.08, give or take sampling noise (about 60 and 340 questions)
-    memory, other = skip_shares(memory_relations=["birth_year"], memory_share=0.7)
-    assert 0.5 < memory < 0.9 and other < 0.15
-    memory, other = skip_shares()
-    assert memory < 0.25 and other < 0.15
+    rows = tiny_world["splits"]["train"][:200]
+    plain = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1)
+    memory = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+                                 memory_relations=["birth_year"], memory_demos=2)
+    year_rows = [r for r in rows if r["relation"].split("/")[-1] == "birth_year"]
+    assert year_rows and len(memory) == len(plain) + 2 * len(year_rows)
+    assert [e.ids for e in memory[:len(plain)]] == [e.ids for e in plain]
+    for ex, row in zip(memory[len(plain):], [r for r in year_rows for _ in range(2)]):
+        text = tokenizer.decode(ex.ids)
+        trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+        assert f"Question: {row['question']}" in text
+        assert "<search>" not in trained and trained.startswith("<think> I think I know this.")
+        assert trained.rstrip().endswith("</answer><|im_end|>")
 
 
-@pytest.mark.parametrize("override", [{"tiny.memory_relations": ["birth_yr"]}, {"tiny.memory_share": 1.5}])
+@pytest.mark.parametrize("override", [{"tiny.memory_relations": ["birth_yr"]}, {"tiny.memory_demos": -1}])
 def test_bad_memory_settings_name_the_field(override):
     from zslib.config import ConfigError, load_profile
     with pytest.raises(ConfigError, match=next(iter(override))):

@@ -64,10 +64,10 @@ class TinyConfig:
     known_fraction: float = 0.3      # share of train-split articles the policy reads in pretraining
     demos_per_question: int = 1      # scripted demonstrations per train question
     demo_loss_on_information: bool = False  # True: documents in demonstrations carry loss too
-    # Questions whose (last) relation is one of these are answered from memory, without a search, in
-    # `memory_share` of the policy base's demonstrations (tiny.scripted_demos): a flaw RL must fix by searching.
+    # Questions whose (last) relation is one of these get `memory_demos` more demonstrations that answer
+    # from memory, without a search (tiny.scripted_demos): a flaw that RL can fix only by searching.
     memory_relations: list = field(default_factory=lambda: ["born_in", "located_in"])
-    memory_share: float = 0.6
+    memory_demos: int = 2
     copy_warmup_steps: int = 800     # phase 1 of both bases: copy drills (see tiny.copy_drills)
     copy_warmup_batch_tokens: int = 1024
     copy_drills: int = 4000          # drills mixed into the policy's main phase too

@@ -167,7 +167,7 @@ def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: d
 
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
                    known: set[str], topk: int, seed: int, per_question: int,
-                   train_docs: bool = False, memory_relations=(), memory_share: float = 0.0) -> list[Example]:
+                   train_docs: bool = False, memory_relations=(), memory_demos: int = 0) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
     The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
@@ -175,19 +175,18 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
     them is copying practice, the skill the policy needs most (it must copy unseen names from
     the question into its query and from the documents into its answer).
 
-    A question whose last relation is in ``memory_relations`` is answered without a search in
-    ``memory_share`` of its demonstrations (other questions: 8%). The guess is right only for a
-    1-hop question about an entity the policy read about, so on held-out questions it is a wrong
-    guess that RL can fix only by searching.
+    A question whose last relation is in ``memory_relations`` also gets ``memory_demos`` more
+    demonstrations that answer without a search. The guess is right only for a 1-hop question
+    about an entity the policy read about, so on held-out questions it is a wrong guess that RL
+    can fix only by searching.
     """
     rng = random.Random(seed)
     plans = []
     for q in questions:
-        no_search = memory_share if q["relation"].split("/")[-1] in memory_relations else 0.08
         for _ in range(per_question):
             u = rng.random()
-            style = ("no_search" if u < no_search else "poor_query" if u < no_search + 0.10 else
-                     "wrong_pick" if u < no_search + 0.16 else "good")
+            style = ("no_search" if u < 0.08 else "poor_query" if u < 0.18 else
+                     "wrong_pick" if u < 0.24 else "good")
             plans.append((q, style))
     # Batch every first query through the engine at once: bm25s is fast on batches.
     first_queries = []
@@ -207,9 +206,7 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
         prompt = render_policy_prompt(tokenizer, q["question"])
         segs: list[tuple[str, bool]] = [(prompt, False)]
         if style == "no_search":
-            guess = answer if subject in known and q["hops"] == 1 else _random_same_type(answer, entities_by_name, rng)
-            segs.append((f"<think> I think I know this. </think>\n<answer> {guess} </answer>{EOS}", True))
-            out.append(segments_to_example(tokenizer, segs))
+            out.append(_memory_demo(tokenizer, q, known, entities_by_name, rng))
             continue
         segs.append(("<think> I need to search for this. </think>\n<search> " + query + " </search>", True))
         segs.append((information_block(docs), train_docs))
@@ -239,7 +236,21 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
             guess = _random_same_type(answer, entities_by_name, rng)
             segs.append((f"<think> I could not find it, so I will guess. </think>\n<answer> {guess} </answer>{EOS}", True))
         out.append(segments_to_example(tokenizer, segs))
+    # Drawn from a generator of their own, so the demonstrations above stay exactly as they are
+    # without memory relations: the base keeps every skill, and only its choice to search changes.
+    memory_rng = random.Random(seed + 1)
+    for q in questions:
+        if q["relation"].split("/")[-1] in memory_relations:
+            out += [_memory_demo(tokenizer, q, known, entities_by_name, memory_rng) for _ in range(memory_demos)]
     return out
+
+
+def _memory_demo(tokenizer, q: dict, known: set[str], entities_by_name: dict, rng: random.Random) -> Example:
+    """An answer without a search: right only for a 1-hop question about an entity the policy read about."""
+    answer = q["golden_answers"][0]
+    guess = answer if q["subject"] in known and q["hops"] == 1 else _random_same_type(answer, entities_by_name, rng)
+    return segments_to_example(tokenizer, [(render_policy_prompt(tokenizer, q["question"]), False),
+                                           (f"<think> I think I know this. </think>\n<answer> {guess} </answer>{EOS}", True)])
 
 
 def _evidence(subject: str, relation: str, obj: str) -> str:
@@ -416,8 +427,8 @@ def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: 
     unknown = sorted(set(cfg.memory_relations) - set(RELATIONS))
     if unknown:
         raise ConfigError(f"tiny.memory_relations: unknown relation {unknown[0]!r} (known: {', '.join(RELATIONS)})")
-    if not 0 <= cfg.memory_share <= 1:
-        raise ConfigError(f"tiny.memory_share: expected a share from 0 to 1, got {cfg.memory_share}")
+    if cfg.memory_demos < 0:
+        raise ConfigError(f"tiny.memory_demos: expected 0 or more, got {cfg.memory_demos}")
     known = known_subjects(train_rows, cfg.known_fraction, profile.seed)
     by_name = {e["name"]: e for e in entities}
     known_texts = [f"{a['title']}\n{a['text']}" for a in articles if a["title"] in known]
@@ -425,7 +436,7 @@ def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: 
     examples += scripted_demos(tokenizer, train_rows, engine, by_name, known, profile.search.topk,
                                seed=profile.seed, per_question=cfg.demos_per_question,
                                train_docs=cfg.demo_loss_on_information,
-                               memory_relations=cfg.memory_relations, memory_share=cfg.memory_share)
+                               memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos)
     return examples + copy_drills(tokenizer, cfg.copy_drills, seed=profile.seed + 8)
 
 
