@@ -8,12 +8,13 @@ KERNEL := zerosearch
 RUN    := outputs/$(PROFILE)/notebooks
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 
-.PHONY: install demo test bench lab clean
+.PHONY: install demo test bench lab lock clean
 
-# The venv is (re)installed when missing or when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is (re)installed when missing or when pyproject.toml or the lock file changes.
+# constraints.txt pins every dependency, so a fresh clone next month installs today's set.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
 	touch $(STAMP)
 
@@ -36,6 +37,11 @@ bench: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# Rewrite constraints.txt from the current venv (after changing a dependency in pyproject.toml).
+lock: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf outputs/*/ $(VENV)

@@ -23,3 +23,12 @@ def test_rl_curves_smooth_per_step_keys_draw_validation_raw_and_drop_empty_panel
     assert list(fig.axes[0].lines[0].get_ydata()[:4]) == [1.0, 1.5, 2.0, 3.0]
     without = plots.rl_curves({"grpo": _metrics(False)})
     assert "val_em" not in [ax.get_title() for ax in without.axes]
+
+
+def test_collapse_signs_draw_one_titled_panel_per_sign():
+    rows = [{"step": i, "entropy": 0.1 * i, "kl": 0.0, "invalid_action_rate": 0.0, "response_tokens": 40.0,
+             "equal_reward_groups": 0.5} for i in range(1, 7)]
+    fig = plots.collapse_signs({"grpo": rows}, smooth=2)
+    assert [ax.get_title() for ax in fig.axes] == list(plots.COLLAPSE_PANELS.values())
+    # trailing mean over 2 of 0.1, 0.2, 0.3: 0.1, 0.15, 0.25
+    assert [round(v, 6) for v in fig.axes[0].lines[0].get_ydata()[:3]] == [0.1, 0.15, 0.25]

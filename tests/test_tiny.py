@@ -82,7 +82,8 @@ def test_memory_relations_add_answers_without_a_search_and_change_no_other_demon
         text = tokenizer.decode(ex.ids)
         trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
         assert f"Question: {row['question']}" in text
-        assert "<search>" not in trained and trained.startswith("<think> I think I know this.")
+        assert "<search>" not in trained
+        assert trained.startswith(tiny.first_thought(row) + tiny.MEMORY_DECISION)
         assert trained.rstrip().endswith("</answer><|im_end|>")
 
 
@@ -147,3 +148,91 @@ def test_answer_drills_state_each_answer_twice_about_unseen_entities(tiny_world)
         answer = qa.split(" Answer: ")[1]
         title = doc.split("(Title: ")[1].split(")")[0]
         assert answer in doc and title not in taken and title in qa
+
+
+def test_every_first_turn_names_what_the_question_asks_for_then_decides(tokenizer, tiny_world, bm25):
+    by_name = {e["name"]: e for e in tiny_world["entities"]}
+    rows = tiny_world["splits"]["train"][:120]
+    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+                                memory_relations=["born_in"], memory_demos=1)
+    memory_rows = [r for r in rows if r["relation"].split("/")[-1] == "born_in"]
+    decisions, thoughts = {"search": 0, "memory": 0}, {}
+    for ex, row in zip(demos, rows + memory_rows):
+        response = tokenizer.decode(ex.ids).split("<|im_start|>assistant\n")[1]
+        thoughts.setdefault(row["relation"].split("/")[-1], set()).add(tiny.first_thought(row))
+        assert response.startswith(tiny.first_thought(row))
+        rest = response[len(tiny.first_thought(row)):]
+        decisions["search" if rest.startswith(tiny.SEARCH_DECISION) else "memory"] += 1
+        assert rest.startswith((tiny.SEARCH_DECISION, tiny.MEMORY_DECISION))
+    assert decisions["memory"] >= len(memory_rows) and decisions["search"] > 80
+    # one thought per relation, a different one for each
+    assert all(len(t) == 1 for t in thoughts.values()) and len(set.union(*thoughts.values())) == len(thoughts) > 5
+    assert thoughts["born_in"] == {"<think> This asks for a birthplace."}
+
+
+def test_decision_margins_equal_the_two_openings_scored_token_by_token(protocol_model, tokenizer):
+    model, rows = protocol_model
+    picked = rows[:4]
+    margins = tiny.decision_margins(model, tokenizer, picked, batch_size=3)  # a batch of 3 and one of 5 rows
+    for q, margin in zip(picked, margins):
+        prompt = tokenizer(render_policy_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"]
+        totals = []
+        for decision in (tiny.SEARCH_DECISION, tiny.MEMORY_DECISION):
+            ids, total = list(prompt), 0.0
+            for token in tokenizer(tiny.first_thought(q) + decision, add_special_tokens=False)["input_ids"]:
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids])).logits[0, -1].float()
+                total += torch.log_softmax(logits, -1)[token].item()
+                ids.append(token)
+            totals.append(total)
+        assert margin == pytest.approx(totals[0] - totals[1], abs=1e-3)
+
+
+def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, bm25, tmp_path, monkeypatch):
+    """Same seed, same machine: byte-identical bases (a short build of both)."""
+    from zslib import config
+
+    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
+    small = {"tiny.hidden_size": 64, "tiny.intermediate_size": 128, "tiny.num_layers": 1, "tiny.num_heads": 2,
+             "tiny.num_kv_heads": 1, "tiny.copy_warmup_steps": 3, "tiny.copy_drills": 50, "tiny.policy_steps": 4,
+             "tiny.simulator_steps": 3, "tiny.simulator_copy_steps": 2, "tiny.answer_drills": 40,
+             "tiny.batch_tokens": 1024, "tiny.copy_warmup_batch_tokens": 512, "tiny.simulator_copy_batch_tokens": 512}
+    splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
+    weights = []
+    for run in ("a", "b"):
+        profile = config.load_profile("tiny", {**small, "name": run})
+        tiny.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"], splits)
+        weights.append({name: (profile.models_dir / name / "model.safetensors").read_bytes()
+                        for name in ("policy-base", "simulator-base")})
+    assert weights[0] == weights[1]
+
+
+def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):
+    from zslib.world import TITLE_WORDS
+    adjectives, nouns = TITLE_WORDS
+    items = []
+    for d in tiny.copy_drills(tokenizer, 60, seed=5, number_share=0.2, title_share=0.5):
+        items += tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m]).split(", ")
+    titles = [i for i in items if i.split()[0] in adjectives + ["The"]]
+    assert 0.25 < len(titles) / len(items) < 0.55, "half of the non-year items, give or take"
+    for t in titles:
+        words = t.split()
+        adjective, noun = (words[1], words[2]) if words[0] == "The" else (words[0], words[1])
+        assert adjective in adjectives and noun in nouns and words[-2] in ("of", "in")
+    assert tiny.copy_drills(tokenizer, 5, seed=5) == tiny.copy_drills(tokenizer, 5, seed=5, title_share=0.0)
+
+
+def test_guesses_carry_no_loss_without_guess_loss_but_recalled_answers_do(tokenizer, tiny_world, bm25):
+    by_name = {e["name"]: e for e in tiny_world["entities"]}
+    rows = [r for r in tiny_world["splits"]["train"] if r["relation"] == "born_in"][:6]
+    known = {rows[0]["subject"]}
+    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, known, topk=3, seed=0, per_question=1,
+                                memory_relations=["born_in"], memory_demos=1, guess_loss=False)
+    for ex, row in zip(demos[len(rows):], rows):  # the memory demonstrations, one per question
+        trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+        said = tokenizer.decode(ex.ids).split("<answer>")[-1].split("</answer>")[0].strip()
+        if row["subject"] in known:  # recalled: the right answer, trained
+            assert said == row["golden_answers"][0] and f"<answer> {said} </answer>" in trained
+        else:  # guessed: in the text, not in the loss
+            assert said != row["golden_answers"][0]
+            assert trained == tiny.first_thought(row) + tiny.MEMORY_DECISION + " </answer><|im_end|>"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .checks import validate_ranges
 from .world import WorldConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,12 @@ class TinyConfig:
     # Questions whose (last) relation is one of these get `memory_demos` more demonstrations that answer
     # from memory, without a search (tiny.scripted_demos): a flaw that RL can fix only by searching.
     memory_relations: list = field(default_factory=lambda: ["born_in", "located_in"])
-    memory_demos: int = 2
+    memory_demos: int = 4
+    guess_loss: bool = True          # False: a guessed answer in a demonstration carries no loss
+    restate_topic: bool = False      # every later thought of a demonstration opens with its first thought
     copy_warmup_steps: int = 800     # phase 1 of both bases: copy drills (see tiny.copy_drills)
+    copy_years: float = 0.0          # share of the copy drills' items that are years (warm-up and policy mix)
+    copy_titles: float = 0.0         # share of the other items that are book or film titles
     copy_warmup_batch_tokens: int = 1024
     copy_drills: int = 4000          # drills mixed into the policy's main phase too
     policy_steps: int = 900
@@ -192,6 +197,23 @@ class RLConfig:
 
 
 @dataclass
+class ChecksConfig:
+    """Expected ranges of the figures each notebook checks (zslib/checks.py): ``{figure: [low, high]}``,
+    null for no bound. Empty: nothing checked (the GPU profiles, whose bars are not measured yet)."""
+    strict: bool = True               # False: report a figure out of range and continue
+    base: dict = field(default_factory=dict)       # notebook 00, the policy base
+    simulator: dict = field(default_factory=dict)  # notebook 03, the fine-tuned simulator
+    rl: dict = field(default_factory=dict)         # notebook 04, the trained policy
+
+    def __post_init__(self):
+        for stage in ("base", "simulator", "rl"):
+            try:
+                validate_ranges(stage, getattr(self, stage))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+@dataclass
 class Profile:
     name: str = "tiny"
     seed: int = 0
@@ -205,6 +227,7 @@ class Profile:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
 
     @property
     def is_tiny(self) -> bool:

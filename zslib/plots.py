@@ -112,10 +112,11 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
 
 
 def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), ("val_em",), ("searches_per_answer",),
-                                                   ("kl", "entropy")), smooth: int = 10):
+                                                   ("kl", "entropy")), smooth: int = 10, titles: dict | None = None):
     """One panel per group of metric keys, one line per (run, key): moving averages over steps for
     keys logged every step, raw points for keys logged every few steps (validation). Panels whose
-    keys no run logged are left out."""
+    keys no run logged are left out. ``titles`` maps a panel's keys (a tuple) to its title; the
+    default title is the keys."""
     panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, keys in zip(axes[0], panels):
@@ -130,11 +131,22 @@ def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), 
                 ax.plot([m["step"] for m in logged], _moving_average(values, smooth) if every_step else values,
                         label=label, marker=None if every_step else "o")
         ax.set_xlabel("RL step")
-        ax.set_title(", ".join(keys), fontsize=9)
+        ax.set_title((titles or {}).get(tuple(keys), ", ".join(keys)), fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+COLLAPSE_PANELS = {("entropy",): "entropy (nats per policy token)", ("kl",): "KL to the reference",
+                   ("invalid_action_rate",): "invalid actions per turn", ("response_tokens",): "response tokens",
+                   ("equal_reward_groups",): "groups with all rewards equal"}
+
+
+def collapse_signs(runs: dict[str, list[dict]], smooth: int = 5):
+    """The signs of a collapsing RL run, one panel each: entropy, KL, invalid-action rate, response
+    length and the share of groups whose rollouts all scored the same (no GRPO signal)."""
+    return rl_curves(runs, panels=tuple(COLLAPSE_PANELS), smooth=smooth, titles=COLLAPSE_PANELS)
 
 
 def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) -> str:
@@ -150,3 +162,26 @@ def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) ->
             spans.append(f'<span style="{style}">{text}</span>')
             start = i
     return '<pre style="white-space:pre-wrap;font-size:11px">' + "".join(spans) + "</pre>"
+
+
+def decision_margins(by_relation: dict[str, dict]):
+    """The policy base's first decision per relation (``tiny.evaluate_base``): mean margin
+    log p(search) - log p(answer from memory) in nats, memory relations in orange, with the range
+    of single questions as a line; the greedy searched share is in each relation's label."""
+    names = list(by_relation)
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.4))
+    for i, name in enumerate(names):
+        r = by_relation[name]
+        color = "tab:orange" if r["memory"] else "tab:blue"
+        ax.barh(i, r["margin_mean"], color=color)
+        ax.plot([r["margin_min"], r["margin_mean"]], [i, i], color="black", linewidth=0.8)
+    labels = [f"{name} (searched {by_relation[name]['searched_share']:.0%})" for name in names]
+    ax.set_yticks(range(len(names)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("decision margin, nats: log p(search) - log p(answer from memory)")
+    ax.set_title("Policy base, first decision per relation: mean (bar) and smallest (line); orange: memory relations",
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig

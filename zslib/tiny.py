@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
-from .world import RELATION_KEYWORDS, RELATIONS, Namer, invented_world
+from .world import RELATION_KEYWORDS, RELATION_TOPICS, RELATIONS, TITLE_WORDS, Namer, invented_world
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -148,6 +148,25 @@ def answer_drills(world_cfg, taken: set[str], n: int, seed: int) -> list[str]:
             f"Doc 1(Title: {q['subject']}) {articles[q['subject']]['text']}" for q in picked]
 
 
+# The two ways a demonstration's first turn goes on after its first thought: the policy base's one
+# decision that RL works on, measured by ``decision_margins``.
+SEARCH_DECISION = " I need to search for this. </think>\n<search>"
+MEMORY_DECISION = " I think I know this. </think>\n<answer>"
+
+
+def first_thought(q: dict) -> str:
+    """What every demonstration thinks first: what the question asks for ("<think> This asks for a
+    birthplace."), named by its last relation.
+
+    Without it the decision to search came right after "<think> I", and a base trained on the
+    same recipe on another CPU never searched: the decision had to read the relation from the
+    question across the whole prompt, and the base had learned only the share of demonstrations
+    that answer from memory (+0.2 nats toward memory for every relation). Naming the relation
+    first makes the decision depend on the words just before it.
+    """
+    return f"<think> This asks for {RELATION_TOPICS[q['relation'].split('/')[-1]]}."
+
+
 # A second-hop query asks the bridge entity the question of the second relation.
 _SECOND_HOP = {r: t for r, (_, _, t, _) in RELATIONS.items()}
 
@@ -167,13 +186,18 @@ def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: d
 
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
                    known: set[str], topk: int, seed: int, per_question: int,
-                   train_docs: bool = False, memory_relations=(), memory_demos: int = 0) -> list[Example]:
+                   train_docs: bool = False, memory_relations=(), memory_demos: int = 0,
+                   guess_loss: bool = True, restate_topic: bool = False) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
     The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
     <information> blocks carry loss too: articles repeat their subject's name, so predicting
     them is copying practice, the skill the policy needs most (it must copy unseen names from
     the question into its query and from the documents into its answer).
+
+    With ``guess_loss=False`` a name or year the agent guesses (it could not know it) carries no
+    loss: only what it copied or recalled does, so guesses do not teach the model that any name of
+    the right type may follow ``<answer>``.
 
     A question whose last relation is in ``memory_relations`` also gets ``memory_demos`` more
     demonstrations that answer without a search. The guess is right only for a 1-hop question
@@ -206,23 +230,26 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
         prompt = render_policy_prompt(tokenizer, q["question"])
         segs: list[tuple[str, bool]] = [(prompt, False)]
         if style == "no_search":
-            out.append(_memory_demo(tokenizer, q, known, entities_by_name, rng))
+            out.append(_memory_demo(tokenizer, q, known, entities_by_name, rng, guess_loss))
             continue
-        segs.append(("<think> I need to search for this. </think>\n<search> " + query + " </search>", True))
+        segs.append((first_thought(q) + SEARCH_DECISION + " " + query + " </search>", True))
+        # Later thoughts open with the same sentence when tiny.restate_topic: whether to answer or to
+        # search the bridge entity then depends on words a few tokens back, not a turn back.
+        again = first_thought(q) if restate_topic else "<think>"
         segs.append((information_block(docs), train_docs))
         if q["hops"] == 2:
             bridge = entities_by_name[subject]["facts"][relations[0]]
             if bridge in " ".join(d.text for d in docs):
                 q2 = _SECOND_HOP[relations[1]].format(s=bridge) if rng.random() < 0.6 else f"{bridge} {RELATION_KEYWORDS[relations[1]]}"
                 docs = engine.search([q2], topk)[0]
-                segs.append((f"<think> {_evidence(subject, relations[0], bridge)} Now I need to search for {bridge}. </think>\n"
+                segs.append((f"{again} {_evidence(subject, relations[0], bridge)} Now I need to search for {bridge}. </think>\n"
                              f"<search> {q2} </search>", True))
                 segs.append((information_block(docs), train_docs))
             subject = bridge  # the answer is a fact of the bridge entity
         if not _answer_in(docs, answer) and rng.random() < 0.7:
             retry = q["question"] if query != q["question"] else subject
             docs = engine.search([retry], topk)[0]
-            segs.append((f"<think> The answer is not here. I will search again. </think>\n<search> {retry} </search>", True))
+            segs.append((f"{again} The answer is not here. I will search again. </think>\n<search> {retry} </search>", True))
             segs.append((information_block(docs), train_docs))
         if _answer_in(docs, answer):
             # Quote the sentence that answers, then the answer: each step is a short copy.
@@ -231,26 +258,115 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
                 misread = _wrong_pick(docs, relations[-1], answer, entities_by_name, rng)
                 if misread:
                     said, pick = misread
-            segs.append((f"<think> {_evidence(said, relations[-1], pick)} </think>\n<answer> {pick} </answer>{EOS}", True))
+            segs.append((f"{again} {_evidence(said, relations[-1], pick)} </think>\n<answer> {pick} </answer>{EOS}", True))
         else:
             guess = _random_same_type(answer, entities_by_name, rng)
-            segs.append((f"<think> I could not find it, so I will guess. </think>\n<answer> {guess} </answer>{EOS}", True))
+            segs += [(f"{again} I could not find it, so I will guess. </think>\n<answer>", True), (f" {guess}", guess_loss),
+                     (f" </answer>{EOS}", True)]
         out.append(segments_to_example(tokenizer, segs))
     # Drawn from a generator of their own, so the demonstrations above stay exactly as they are
     # without memory relations: the base keeps every skill, and only its choice to search changes.
     memory_rng = random.Random(seed + 1)
     for q in questions:
         if q["relation"].split("/")[-1] in memory_relations:
-            out += [_memory_demo(tokenizer, q, known, entities_by_name, memory_rng) for _ in range(memory_demos)]
+            out += [_memory_demo(tokenizer, q, known, entities_by_name, memory_rng, guess_loss)
+                    for _ in range(memory_demos)]
     return out
 
 
-def _memory_demo(tokenizer, q: dict, known: set[str], entities_by_name: dict, rng: random.Random) -> Example:
-    """An answer without a search: right only for a 1-hop question about an entity the policy read about."""
+def _memory_demo(tokenizer, q: dict, known: set[str], entities_by_name: dict, rng: random.Random,
+                 guess_loss: bool = True) -> Example:
+    """An answer without a search: right only for a 1-hop question about an entity the policy read
+    about (recalled, so it carries loss); otherwise a guess, with loss only if ``guess_loss``."""
     answer = q["golden_answers"][0]
-    guess = answer if q["subject"] in known and q["hops"] == 1 else _random_same_type(answer, entities_by_name, rng)
+    recalled = q["subject"] in known and q["hops"] == 1
+    guess = answer if recalled else _random_same_type(answer, entities_by_name, rng)
     return segments_to_example(tokenizer, [(render_policy_prompt(tokenizer, q["question"]), False),
-                                           (f"<think> I think I know this. </think>\n<answer> {guess} </answer>{EOS}", True)])
+                                           (f"{first_thought(q)}{MEMORY_DECISION}", True),
+                                           (f" {guess}", recalled or guess_loss), (f" </answer>{EOS}", True)])
+
+
+@torch.no_grad()
+def decision_margins(model, tokenizer, rows: list[dict], batch_size: int = 64) -> list[float]:
+    """log p(search) - log p(answer from memory) at the base's first decision, in nats, per row: the
+    demonstrations' two first-turn openings (``first_thought`` then ``SEARCH_DECISION`` or
+    ``MEMORY_DECISION``) scored after the row's prompt. Above 0 the model prefers to search.
+
+    A margin of a few tenths of a nat is a coin that a CPU's rounding can toss; a recipe should give
+    a clear one, of either sign, that depends on the question.
+    """
+    seqs, starts = [], []
+    for q in rows:
+        prompt = tokenizer(render_policy_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"]
+        for decision in (SEARCH_DECISION, MEMORY_DECISION):
+            seqs.append(prompt + tokenizer(first_thought(q) + decision, add_special_tokens=False)["input_ids"])
+            starts.append(len(prompt))
+    totals = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        ids = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_token_id, dtype=torch.long)
+        for r, seq in enumerate(chunk):  # right padding: causal attention keeps it out of real tokens
+            ids[r, :len(seq)] = torch.tensor(seq)
+        ids = ids.to(model.device)
+        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
+        token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+        totals += [token_logp[r, starts[i + r] - 1:len(seq) - 1].sum().item() for r, seq in enumerate(chunk)]
+    return [totals[2 * j] - totals[2 * j + 1] for j in range(len(rows))]
+
+
+def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = None) -> dict:
+    """Notebook 00's look at the policy base on the held-out 1-hop questions, and the figures its
+    checks read (``checks.base``).
+
+    - ``settings``: scores greedy and at T=1, with the engine and with one that returns nothing;
+    - ``by_relation``: per relation, greedy with the engine: questions, EM, searched share, and the
+      mean and smallest decision margin (``decision_margins``), and whether it is a memory relation;
+    - ``figures``: the bars' inputs (names as in ``checks.FIGURES["base"]``).
+    """
+    from .evaluate import evaluate_policy, heldout_questions
+    from .rollout import HFBackend, engine_search_fn
+    from .reward import exact_match
+    from .search import NullEngine
+
+    rows = rows if rows is not None else heldout_questions(profile)
+    backend = HFBackend(model, tokenizer)
+    settings, greedy = {}, None
+    for name, eng in (("bm25", engine), ("no search", NullEngine())):
+        for temperature in (0.0, 1.0):
+            key = f"{name}, T={temperature:g}"
+            settings[key], trajs = evaluate_policy(backend, tokenizer, rows, engine_search_fn(eng, profile.search.topk),
+                                                   profile.rollout, temperature, desc=key)
+            if name == "bm25" and temperature == 0.0:
+                greedy = trajs
+    margins = decision_margins(model, tokenizer, rows)
+    memory = set(profile.tiny.memory_relations) if profile.tiny.memory_demos > 0 else set()
+    by_relation: dict[str, dict] = {}
+    for q, t, m in zip(rows, greedy, margins):
+        r = by_relation.setdefault(q["relation"], {"n": 0, "em": 0.0, "searched_share": 0.0, "margins": [],
+                                                   "memory": q["relation"] in memory})
+        r["n"] += 1
+        r["em"] += exact_match(t.answer, t.golden_answers)
+        r["searched_share"] += bool(t.calls)
+        r["margins"].append(m)
+    for r in by_relation.values():
+        r["em"] /= r["n"]
+        r["searched_share"] /= r["n"]
+        found = r.pop("margins")
+        r["margin_mean"], r["margin_min"] = sum(found) / len(found), min(found)
+    by_relation = dict(sorted(by_relation.items()))
+    search_rel = [r for r in by_relation.values() if not r["memory"]]
+    memory_rel = [r for r in by_relation.values() if r["memory"]]
+    figures = {
+        "well_formed_first_action": settings["bm25, T=0"]["well_formed_first_action"],
+        "em_bm25": settings["bm25, T=0"]["em"],
+        "em_no_search": settings["no search, T=0"]["em"],
+        "searched_share_search_relations": (sum(r["searched_share"] * r["n"] for r in search_rel)
+                                            / max(1, sum(r["n"] for r in search_rel))),
+        "margin_search_relations": min((r["margin_mean"] for r in search_rel), default=float("nan")),
+    }
+    # None (not checked) when the profile has no memory relations
+    figures["margin_memory_relations"] = max((r["margin_mean"] for r in memory_rel), default=None)
+    return {"settings": settings, "by_relation": by_relation, "figures": figures}
 
 
 def _evidence(subject: str, relation: str, obj: str) -> str:
@@ -266,7 +382,7 @@ def _random_same_type(answer: str, entities_by_name: dict, rng: random.Random) -
     return rng.choice(pool)
 
 
-def copy_drills(tokenizer, n: int, seed: int, number_share: float = 0.0) -> list[Example]:
+def copy_drills(tokenizer, n: int, seed: int, number_share: float = 0.0, title_share: float = 0.0) -> list[Example]:
     """Lists of freshly invented names, then the same list again; only the repeat carries loss.
 
     Predicting the repeat is pure copying (the names are new each time, so nothing can be
@@ -277,16 +393,27 @@ def copy_drills(tokenizer, n: int, seed: int, number_share: float = 0.0) -> list
     With ``number_share`` > 0 that share of the items are years. Year tokens (" 180", " 195", …)
     occur in identical contexts, so a model that never had to reproduce one exactly keeps them
     nearly interchangeable and cannot copy them: the first simulator base copied a name from the
-    line above 82% of the time and a year 6% (chance), and fine-tuning did not fix it.
+    line above 82% of the time and a year 6% (chance), and fine-tuning did not fix it. The same
+    holds for the common words of book and film titles ("Harbor", "Orchard"): with ``title_share`` >
+    0 that share of the other items are titles. A policy base without both copied 0% of the years
+    and wrote "The Last Signal of Fashax" for "The Last Orchard of Hustax" in its queries.
     """
     rng = random.Random(seed)
     namer = Namer(rng)
+    adjectives, nouns = TITLE_WORDS
+
+    def item() -> str:
+        # (no draw for a share of 0: name-only drills stay exactly as their seed makes them)
+        if number_share and rng.random() < number_share:
+            return str(rng.randint(1700, 2030))
+        if title_share and rng.random() < title_share:
+            adjective, noun, place = rng.choice(adjectives), rng.choice(nouns), namer.word(2, 2)
+            return f"The {adjective} {noun} of {place}" if rng.random() < 0.5 else f"{adjective} {noun} in {place}"
+        return namer.word(2, 2) + (" " + namer.word(2, 2) if rng.random() < 0.5 else "")
+
     drills = []
     for _ in range(n):
-        # (no draw when number_share is 0: name-only drills stay exactly as their seed makes them)
-        items = [str(rng.randint(1700, 2030)) if number_share and rng.random() < number_share
-                 else namer.word(2, 2) + (" " + namer.word(2, 2) if rng.random() < 0.5 else "")
-                 for _ in range(rng.randint(2, 5))]
+        items = [item() for _ in range(rng.randint(2, 5))]
         listing = ", ".join(items)
         first = tokenizer(listing + "\n", add_special_tokens=False)["input_ids"]
         repeat = tokenizer(listing, add_special_tokens=False)["input_ids"]
@@ -408,10 +535,12 @@ def _save(model, tokenizer, out_dir: Path) -> None:
 
 
 def copy_warmup(model, tokenizer, cfg, log_path, seed: int) -> list[dict]:
-    """Phase 1, shared by both bases: copy drills in small batches (steps matter more than tokens)."""
+    """Phase 1, shared by both bases: copy drills in small batches (steps matter more than tokens),
+    with ``tiny.copy_years`` of the items years and ``tiny.copy_titles`` of the others titles."""
     warm = dataclasses.replace(cfg, batch_tokens=cfg.copy_warmup_batch_tokens)
-    return pretrain(model, copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed), cfg.copy_warmup_steps,
-                    warm, log_path, seed=seed, desc="copy warm-up", phase="copy warm-up")
+    drills = copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed, cfg.copy_years, cfg.copy_titles)
+    return pretrain(model, drills, cfg.copy_warmup_steps, warm, log_path, seed=seed, desc="copy warm-up",
+                    phase="copy warm-up")
 
 
 def known_subjects(train_rows: list[dict], fraction: float, seed: int) -> set[str]:
@@ -436,8 +565,9 @@ def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: 
     examples += scripted_demos(tokenizer, train_rows, engine, by_name, known, profile.search.topk,
                                seed=profile.seed, per_question=cfg.demos_per_question,
                                train_docs=cfg.demo_loss_on_information,
-                               memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos)
-    return examples + copy_drills(tokenizer, cfg.copy_drills, seed=profile.seed + 8)
+                               memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos,
+                               guess_loss=cfg.guess_loss, restate_topic=cfg.restate_topic)
+    return examples + copy_drills(tokenizer, cfg.copy_drills, profile.seed + 8, cfg.copy_years, cfg.copy_titles)
 
 
 def answer_copy_phase(profile, model, tokenizer, entities: list[dict], log_path, after: list[dict]) -> list[dict]:

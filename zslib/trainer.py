@@ -140,6 +140,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _equal_groups(grouped: torch.Tensor) -> float:
+    """Share of rows (groups) of ``[groups, group_size]`` scores that are all equal."""
+    return (grouped.max(1).values == grouped.min(1).values).float().mean().item()
+
+
 def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -186,6 +191,14 @@ def _keep_until(path: Path, step: int) -> list[dict]:
     kept = [r for r in rows if r["step"] <= step]
     _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def run_figures(metrics: list[dict], base_em: float, trained_em: float) -> dict:
+    """Notebook 04's checked figures (``checks.rl``): the held-out EM gain over the base, and how much
+    validation EM the run lost after its best step (None without validation)."""
+    validated = [m["val_em"] for m in metrics if "val_em" in m]
+    return {"em_gain": trained_em - base_em,
+            "val_em_drop": max(validated) - validated[-1] if validated else None}
 
 
 # ---------------------------------------------------------------- the trainer
@@ -365,6 +378,8 @@ class RLTrainer:
             "step": step, "noise_prob": p_noise,
             "noisy_share": sum(bool(c["noisy"]) for c in calls) / len(calls) if calls else 0.0,
             "reward_mean": scores.mean().item(),
+            # Groups whose rollouts all scored the same give GRPO no signal (a collapse sign when it grows)
+            "equal_reward_groups": _equal_groups(scores.view(-1, cfg.group_size)),
             "em": sum(exact_match(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "searches_per_answer": len(calls) / len(trajs),

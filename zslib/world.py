@@ -32,6 +32,7 @@ _ADJECTIVES = ["Silent", "Hidden", "Broken", "Golden", "Crimson", "Distant", "Fr
 _NOUNS = ["Harbor", "Garden", "Mirror", "River", "Tower", "Lantern", "Orchard", "Voyage", "Archive",
           "Compass", "Meadow", "Signal", "Bridge", "Island", "Kingdom", "Letter", "Machine",
           "Empire", "Forest", "Window", "Promise", "Horizon", "Shadow", "Season"]
+TITLE_WORDS = (_ADJECTIVES, _NOUNS)  # book and film titles: "The Silent Harbor of X", "Silent Harbor in X"
 _OCCUPATIONS = ["painter", "chemist", "poet", "engineer", "historian", "composer", "architect",
                 "physician", "novelist", "astronomer", "sculptor", "economist", "botanist", "lawyer"]
 _INDUSTRIES = ["shipping", "textiles", "software", "mining", "publishing", "aviation", "brewing",
@@ -74,6 +75,14 @@ RELATION_KEYWORDS = {"capital": "capital", "located_in": "country", "born_in": "
                      "educated_at": "studied", "author": "written by", "published": "published",
                      "director": "directed by", "founder": "founded by", "headquarters": "headquartered",
                      "university_city": "city"}
+
+# What a question of each relation asks for, as the scripted demonstrations name it at the start
+# of their first thought ("<think> This asks for a birthplace."): the decision to search or to
+# answer from memory is then made right after words that name the relation (see tiny.first_thought).
+RELATION_TOPICS = {"capital": "a capital", "located_in": "a country", "born_in": "a birthplace",
+                   "birth_year": "a birth year", "educated_at": "a university", "author": "an author",
+                   "published": "a publication year", "director": "a director", "founder": "a founder",
+                   "headquarters": "a headquarters", "university_city": "a campus town"}
 
 # 2-hop chains: first relation maps the subject to a bridge entity, the second to the answer.
 TWO_HOP = {

@@ -1,0 +1,149 @@
+"""Does the tiny pipeline tell the same story on every seed and without bf16? Runs notebooks 00-04
+for several seeds of a profile, and once more with bf16 autocast off, then prints one table of every
+headline figure per run with its spread and whether each run's bars (``checks:``) held.
+
+    .venv/bin/python benchmarks/seeds.py [--profile tiny] [--seeds 0 1 2] [--no-fp32] [--table-only]
+
+Each run is a profile of its own, ``outputs/seeds-<profile>-s<N>/`` (``-s0-fp32`` for bf16 off), so it
+builds everything itself: world (the same for every run: ``world.seed`` stays the profile's), bases,
+trajectories, SFT set, simulator, RL. Nothing is shared across runs, so the spread includes the
+simulator's. A full run takes about an hour on 2 cores.
+
+Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is skipped the
+next time; an interrupted notebook is run again and carries on from what it had saved (bases, the
+trajectory file and RL checkpoints are kept; the SFT set is rebuilt). Interrupting the command loses
+at most the notebook in progress. The executed notebooks are in ``outputs/<run>/notebooks/``; the
+table is also written to ``outputs/seeds-<profile>/seeds.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zslib import checks, config, data  # noqa: E402
+
+NOTEBOOKS = ["00_prepare", "01_collect_trajectories", "02_label", "03_simulator_sft", "04_curriculum_rl"]
+
+
+def runs(profile: str, seeds: list[int], fp32: bool) -> dict[str, dict]:
+    """Run name -> overrides."""
+    out = {f"seeds-{profile}-s{s}": {"seed": s} for s in seeds}
+    if fp32:
+        out[f"seeds-{profile}-s{seeds[0]}-fp32"] = {"seed": seeds[0], "tiny.bf16_autocast": False,
+                                                    "simulator.bf16": False, "rl.bf16_autocast": False}
+    return {name: {**o, "name": name} for name, o in out.items()}
+
+
+def run_notebooks(profile: str, overrides: dict, kernel: str) -> None:
+    P = config.load_profile(profile, overrides)
+    done_dir, executed = P.out / "seeds", P.out / "notebooks"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    executed.mkdir(parents=True, exist_ok=True)
+    for nb in NOTEBOOKS:
+        marker = done_dir / f"{nb}.done"
+        if marker.exists():
+            print(f"{P.name}: {nb} done before, skipped")
+            continue
+        params = json.dumps({"profile": profile, "overrides": overrides})
+        print(f"{P.name}: running {nb}", flush=True)
+        subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{nb}.ipynb"),
+                        str(executed / f"{nb}.ipynb"), "-k", kernel, "-y", params, "--cwd", str(ROOT / "notebooks"),
+                        "--no-progress-bar"], check=True)
+        marker.write_text("")
+
+
+def figures(profile: str, overrides: dict) -> dict | None:
+    """The headline figures of one finished run (None if it has not finished)."""
+    P = config.load_profile(profile, overrides)
+    paths = [P.models_dir / "policy-base.eval.json", P.simulator_dir / "eval.json", P.rl_dir / "eval.json"]
+    if not all(p.exists() for p in paths):
+        return None
+    base, sim, rl = (json.loads(p.read_text()) for p in paths)
+    metrics = data.read_rows(P.rl_dir / "metrics.jsonl")
+    validated = [m for m in metrics if "val_em" in m]
+    best = max(validated, key=lambda m: (m["val_em"], -m["step"]))
+    by_rel = base["by_relation"]
+    return {
+        **{f"base {k}": v for k, v in base["figures"].items()},
+        "base em_bm25 T=1": base["settings"]["bm25, T=1"]["em"],
+        "base searched_share": base["settings"]["bm25, T=0"]["searched_share"],
+        "base 2-hop em": rl["base"]["two_hop"]["em"],
+        **{f"margin {k}": r["margin_mean"] for k, r in by_rel.items()},
+        **{f"simulator {k}": sim["finetuned"][k] for k in ("useful_contains_answer", "noisy_contains_answer", "parse_rate")},
+        "trained 1-hop em": rl["trained"]["em"],
+        "trained searched_share": rl["trained"]["searched_share"],
+        "trained 2-hop em": rl["trained"]["two_hop"]["em"],
+        "rl em_gain": rl["trained"]["em"] - rl["base"]["em"],
+        "rl best step": best["step"],
+        "rl best val_em": best["val_em"],
+        "rl last val_em": validated[-1]["val_em"],
+        "rl val_em_drop": best["val_em"] - validated[-1]["val_em"],
+    }
+
+
+def bars_held(profile: str, overrides: dict, f: dict) -> list[str]:
+    """The names of the figures outside the profile's ranges."""
+    P = config.load_profile(profile, overrides)
+    stage_figures = {"base": {k[5:]: v for k, v in f.items() if k.startswith("base ")},
+                     "simulator": {k[10:]: v for k, v in f.items() if k.startswith("simulator ")},
+                     "rl": {"em_gain": f["rl em_gain"], "val_em_drop": f["rl val_em_drop"]}}
+    lenient = config.ChecksConfig(strict=False, base=P.checks.base, simulator=P.checks.simulator, rl=P.checks.rl)
+    failed = []
+    for stage, values in stage_figures.items():
+        failed += [r["name"] for r in checks.check(stage, values, lenient, out=lambda s: None) if not r["ok"]]
+    return failed
+
+
+def table(profile: str, plan: dict[str, dict]) -> dict:
+    found = {name: figures(profile, o) for name, o in plan.items()}
+    done = {k: v for k, v in found.items() if v}
+    if not done:
+        print("no run has finished yet")
+        return {}
+    seeds = [k for k in done if not k.endswith("-fp32")]
+    keys = list(next(iter(done.values())))
+    short = {k: k.replace(f"seeds-{profile}-", "") for k in done}
+    print("\n| figure | " + " | ".join(short.values()) + " | spread over seeds (max - min) |")
+    print("|---|" + "---|" * len(done) + "---|")
+    for key in keys:
+        values = [done[k].get(key) for k in done]
+        seed_values = [done[k][key] for k in seeds if done[k].get(key) is not None]
+        spread = f"{max(seed_values) - min(seed_values):.3f}" if len(seed_values) > 1 else ""
+        cells = ["" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}") for v in values]
+        print(f"| {key} | " + " | ".join(cells) + f" | {spread} |")
+    failed = {k: bars_held(profile, plan[k], done[k]) for k in done}
+    print("| bars held | " + " | ".join("yes" if not f else "no: " + ", ".join(f) for f in failed.values()) + " | |")
+    missing = [k for k in plan if k not in done]
+    if missing:
+        print(f"\nnot finished: {', '.join(missing)}")
+    out = {"runs": done, "failed_bars": failed}
+    path = ROOT / "outputs" / f"seeds-{profile}" / "seeds.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-fp32", action="store_true", help="skip the run with bf16 autocast off")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the runs finished so far")
+    ap.add_argument("--kernel", default="zerosearch")
+    args = ap.parse_args()
+    plan = runs(args.profile, args.seeds, not args.no_fp32)
+    if not args.table_only:
+        for name, overrides in plan.items():
+            run_notebooks(args.profile, overrides, args.kernel)
+    table(args.profile, plan)
+
+
+if __name__ == "__main__":
+    main()
