@@ -62,7 +62,7 @@ def main() -> None:
     print(f"{'peak memory, kernel (GB)':40s} {peak_gb:10.2f} {'< 4':>10s}")
     quality = json.loads((out_dir / "models" / "policy-base.eval.json").read_text())
     print(f"\n{'policy base, 1-hop test':22s} {'EM':>6s} {'F1':>6s} {'well-formed':>12s} {'searches/q':>11s} {'n':>5s}")
-    for key, r in quality.items():
+    for key, r in quality["settings"].items():
         print(f"{key:22s} {r['em']:6.3f} {r['f1']:6.3f} {r['well_formed_first_action']:12.3f} "
               f"{r['searches_per_question']:11.2f} {r['n']:5d}")
 
