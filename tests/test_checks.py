@@ -71,7 +71,7 @@ def never_searches(tokenizer, tiny_world, bm25, tmp_path_factory):
     demos = [d for d in demos if "<search>" not in tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m])]
     assert len(demos) == 2 * len(rows), "the memory demonstrations and the no-search ones"
     model = tiny.build_model(tokenizer, cfg, seed=0)
-    tiny.pretrain(model, demos, 120, cfg, tmp_path_factory.mktemp("never") / "loss.jsonl", seed=0)
+    tiny.pretrain(model, demos, 60, cfg, tmp_path_factory.mktemp("never") / "loss.jsonl", seed=0)
     return model.eval(), rows
 
 
