@@ -205,6 +205,11 @@ def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, 
         weights.append({name: (profile.models_dir / name / "model.safetensors").read_bytes()
                         for name in ("policy-base", "simulator-base")})
     assert weights[0] == weights[1]
+    # Each base has its own warm-up: the policy's drills hold years and titles, the simulator's do not.
+    warm = {name: [r["loss"] for r in tiny.read_log(profile.models_dir / f"{name}.loss.jsonl")
+                   if r["phase"] == "copy warm-up"] for name in ("policy-base", "simulator-base")}
+    assert len(warm["policy-base"]) == len(warm["simulator-base"]) == 3
+    assert warm["policy-base"] != warm["simulator-base"]
 
 
 def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):

@@ -71,8 +71,8 @@ class TinyConfig:
     memory_demos: int = 4
     guess_loss: bool = True          # False: a guessed answer in a demonstration carries no loss
     restate_topic: bool = False      # every later thought of a demonstration opens with its first thought
-    copy_warmup_steps: int = 800     # phase 1 of both bases: copy drills (see tiny.copy_drills)
-    copy_years: float = 0.0          # share of the copy drills' items that are years (warm-up and policy mix)
+    copy_warmup_steps: int = 800     # phase 1 of each base: copy drills (see tiny.copy_drills)
+    copy_years: float = 0.0          # share of the policy's copy drills' items that are years (its warm-up and mix)
     copy_titles: float = 0.0         # share of the other items that are book or film titles
     copy_warmup_batch_tokens: int = 1024
     copy_drills: int = 4000          # drills mixed into the policy's main phase too

@@ -534,11 +534,11 @@ def _save(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def copy_warmup(model, tokenizer, cfg, log_path, seed: int) -> list[dict]:
-    """Phase 1, shared by both bases: copy drills in small batches (steps matter more than tokens),
-    with ``tiny.copy_years`` of the items years and ``tiny.copy_titles`` of the others titles."""
+def copy_warmup(model, tokenizer, cfg, log_path, seed: int, years: float = 0.0, titles: float = 0.0) -> list[dict]:
+    """Phase 1 of a base: copy drills in small batches (steps matter more than tokens), with
+    ``years`` of the items years and ``titles`` of the others titles."""
     warm = dataclasses.replace(cfg, batch_tokens=cfg.copy_warmup_batch_tokens)
-    drills = copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed, cfg.copy_years, cfg.copy_titles)
+    drills = copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed, years, titles)
     return pretrain(model, drills, cfg.copy_warmup_steps, warm, log_path, seed=seed, desc="copy warm-up",
                     phase="copy warm-up")
 
@@ -589,7 +589,7 @@ def answer_copy_phase(profile, model, tokenizer, entities: list[dict], log_path,
 
 def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
                 splits: dict[str, list[dict]], rebuild: bool = False) -> dict[str, list[dict]]:
-    """Both tiny bases: one shared copy warm-up, then each its own corpus; saved for the Auto classes.
+    """Both tiny bases: a copy warm-up each (see ``shares``), then each its own corpus; saved for the Auto classes.
 
     A base already saved is kept unless ``rebuild``: delete one base's folder to retrain only it
     (each phase seeds itself, so the other would come out the same). Returns the loss log of each
@@ -598,12 +598,18 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
     cfg = profile.tiny
     paths = {"simulator-base": Path(profile.simulator_path), "policy-base": Path(profile.policy_path)}
     todo = [name for name, path in paths.items() if rebuild or not (path / "config.json").exists()]
-    if not todo:
-        return {}
-    warm = build_model(tokenizer, cfg, seed=profile.seed)
-    warm_log = copy_warmup(warm, tokenizer, cfg, profile.models_dir / "copy-warmup.loss.jsonl", profile.seed)
+    # The policy's warm-up holds years and titles (it copies both into queries and answers). The
+    # simulator's stays names only: with years and titles there, its fine-tuned documents held a
+    # year answer 15% of the time instead of copying it from the prompt (its own phase 3 teaches years).
+    shares = {"simulator-base": (0.0, 0.0), "policy-base": (cfg.copy_years, cfg.copy_titles)}
+    warm = {}  # (years, titles) -> (model, log): one warm-up per kind, shared when both bases want the same
     logs = {}
     for name in todo:
+        if shares[name] not in warm:
+            start = build_model(tokenizer, cfg, seed=profile.seed)
+            log = profile.models_dir / f"{name}.loss.jsonl"
+            warm[shares[name]] = (start, copy_warmup(start, tokenizer, cfg, log, profile.seed, *shares[name]))
+        start, warm_log = warm[shares[name]]
         if name == "simulator-base":
             steps = cfg.simulator_steps
             examples = simulator_corpus(tokenizer, articles, splits["train"] + splits["dev"] + splits["test"],
@@ -613,7 +619,7 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
         else:
             steps = cfg.policy_steps
             examples = policy_examples(profile, tokenizer, engine, articles, entities, splits["train"])
-        model = copy.deepcopy(warm)
+        model = copy.deepcopy(start)
         log = profile.models_dir / f"{name}.loss.jsonl"
         log.write_text("".join(json.dumps(r) + "\n" for r in warm_log))
         logs[name] = warm_log + pretrain(model, examples, steps, cfg, log, seed=profile.seed, desc=name,
