@@ -2,18 +2,27 @@
 for several seeds of a profile, and once more with bf16 autocast off, then prints one table of every
 headline figure per run with its spread and whether each run's bars (``checks:``) held.
 
-    .venv/bin/python benchmarks/seeds.py [--profile tiny] [--seeds 0 1 2] [--no-fp32] [--table-only]
+    .venv/bin/python benchmarks/seeds.py [--profile tiny] [--seeds 0 1 2] [--no-fp32] [--own-simulators]
+                                         [--notebooks 00_prepare ...] [--table-only]
 
-Each run is a profile of its own, ``outputs/seeds-<profile>-s<N>/`` (``-s0-fp32`` for bf16 off), so it
-builds everything itself: world (the same for every run: ``world.seed`` stays the profile's), bases,
-trajectories, SFT set, simulator, RL. Nothing is shared across runs, so the spread includes the
-simulator's. A full run takes about an hour on 2 cores.
+Each run is a profile of its own, ``outputs/seeds-<profile>-s<N>/`` (``-s0-fp32`` for bf16 off), with its
+world the profile's (``world.seed`` stays) and everything else built from its seed. Two things are reused:
 
-Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is skipped the
-next time; an interrupted notebook is run again and carries on from what it had saved (bases, the
-trajectory file and RL checkpoints are kept; the SFT set is rebuilt). Interrupting the command loses
-at most the notebook in progress. The executed notebooks are in ``outputs/<run>/notebooks/``; the
-table is also written to ``outputs/seeds-<profile>/seeds.json``.
+- **the profile's own run is seed 0** when the seed is the profile's: ``make demo`` writes exactly what
+  ``seeds-tiny-s0`` would (same profile, same seed, same machine: byte-identical bases), so when
+  ``outputs/<profile>/`` holds a finished run it is used as it is, and is run (as ``outputs/<profile>/``)
+  otherwise;
+- **one simulator for every run** (unless ``--own-simulators``): the other runs link seed 0's simulator base
+  and fine-tuned simulator and skip notebooks 01-03. The simulator is one model that every policy trains
+  against, its bars are checked once, and sharing it saves about 30 of the 60 minutes of a run on 2 cores.
+  The table marks its figures "shared".
+
+Notebooks run breadth-first (00 of every run, then 01, ...), so a shared simulator exists before the first RL
+run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is
+skipped the next time (for the profile's own run, a notebook counts as done when its executed copy in
+``outputs/<profile>/notebooks/`` has no error); an interrupted notebook is run again and carries on from what
+it had saved (bases, the trajectory file and RL checkpoints are kept). The table is also written to
+``outputs/seeds-<profile>/seeds.json``.
 """
 
 from __future__ import annotations
@@ -32,31 +41,76 @@ from zslib import checks, config, data  # noqa: E402
 NOTEBOOKS = ["00_prepare", "01_collect_trajectories", "02_label", "03_simulator_sft", "04_curriculum_rl"]
 
 
+SIMULATOR = {"01_collect_trajectories", "02_label", "03_simulator_sft"}  # what a shared simulator skips
+
+
 def runs(profile: str, seeds: list[int], fp32: bool) -> dict[str, dict]:
-    """Run name -> overrides."""
-    out = {f"seeds-{profile}-s{s}": {"seed": s} for s in seeds}
+    """Run name -> overrides; the first run is seed 0 (the profile's own run when its seed is the profile's)."""
+    own = config.load_profile(profile)
+    out = {}
+    for s in seeds:
+        out[own.name if s == own.seed else f"seeds-{profile}-s{s}"] = {"seed": s}
     if fp32:
         out[f"seeds-{profile}-s{seeds[0]}-fp32"] = {"seed": seeds[0], "tiny.bf16_autocast": False,
                                                     "simulator.bf16": False, "rl.bf16_autocast": False}
     return {name: {**o, "name": name} for name, o in out.items()}
 
 
-def run_notebooks(profile: str, overrides: dict, kernel: str) -> None:
+def _executed_ok(path: Path) -> bool:
+    """A notebook executed by papermill without an error (``make demo``'s runs have no .done markers)."""
+    if not path.exists():
+        return False
+    cells = json.loads(path.read_text())["cells"]
+    return all(o.get("output_type") != "error" for c in cells for o in c.get("outputs", [])) and \
+        all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed"
+            for c in cells if c["cell_type"] == "code")
+
+
+def share_simulator(source, P) -> None:
+    """Link the source run's simulator base and fine-tuned simulator into run ``P``."""
+    for ours, theirs in ((Path(P.simulator_path), Path(source.simulator_path)), (P.simulator_dir, source.simulator_dir)):
+        ours.parent.mkdir(parents=True, exist_ok=True)
+        if not ours.is_symlink():
+            if ours.exists():
+                raise SystemExit(f"{ours} exists and is not a link to {theirs}: remove it, or use --own-simulators")
+            ours.symlink_to(theirs.resolve(), target_is_directory=True)
+
+
+def run_notebook(profile: str, overrides: dict, nb: str, kernel: str) -> None:
     P = config.load_profile(profile, overrides)
     done_dir, executed = P.out / "seeds", P.out / "notebooks"
+    marker = done_dir / f"{nb}.done"
+    if marker.exists() or _executed_ok(executed / f"{nb}.ipynb"):
+        print(f"{P.name}: {nb} done before, skipped")
+        return
     done_dir.mkdir(parents=True, exist_ok=True)
     executed.mkdir(parents=True, exist_ok=True)
-    for nb in NOTEBOOKS:
-        marker = done_dir / f"{nb}.done"
-        if marker.exists():
-            print(f"{P.name}: {nb} done before, skipped")
-            continue
-        params = json.dumps({"profile": profile, "overrides": overrides})
-        print(f"{P.name}: running {nb}", flush=True)
-        subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{nb}.ipynb"),
-                        str(executed / f"{nb}.ipynb"), "-k", kernel, "-y", params, "--cwd", str(ROOT / "notebooks"),
-                        "--no-progress-bar"], check=True)
-        marker.write_text("")
+    params = json.dumps({"profile": profile, "overrides": overrides})
+    print(f"{P.name}: running {nb}", flush=True)
+    subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{nb}.ipynb"),
+                    str(executed / f"{nb}.ipynb"), "-k", kernel, "-y", params, "--cwd", str(ROOT / "notebooks"),
+                    "--no-progress-bar"], check=True)
+    marker.write_text("")
+
+
+def run_all(profile: str, plan: dict[str, dict], notebooks: list[str], kernel: str, shared: bool,
+            only: list[str] | None = None) -> None:
+    first = next(iter(plan))
+    source = config.load_profile(profile, plan[first])
+    for nb in notebooks:
+        for name, overrides in plan.items():
+            if only and name not in only:
+                continue
+            if shared and name != first:
+                if nb in SIMULATOR:
+                    continue
+                P = config.load_profile(profile, overrides)
+                if nb == "00_prepare":
+                    share_simulator(source, P)  # before 00, so it builds only the policy base
+                elif not (source.simulator_dir / "eval.json").exists():
+                    raise SystemExit(f"{name}: {nb} needs the shared simulator, and {source.simulator_dir} has "
+                                     f"none yet: run {first}'s notebooks 01-03 first")
+            run_notebook(profile, overrides, nb, kernel)
 
 
 def figures(profile: str, overrides: dict) -> dict | None:
@@ -101,7 +155,7 @@ def bars_held(profile: str, overrides: dict, f: dict) -> list[str]:
     return failed
 
 
-def table(profile: str, plan: dict[str, dict]) -> dict:
+def table(profile: str, plan: dict[str, dict], shared: bool) -> dict:
     found = {name: figures(profile, o) for name, o in plan.items()}
     done = {k: v for k, v in found.items() if v}
     if not done:
@@ -109,7 +163,9 @@ def table(profile: str, plan: dict[str, dict]) -> dict:
         return {}
     seeds = [k for k in done if not k.endswith("-fp32")]
     keys = list(next(iter(done.values())))
-    short = {k: k.replace(f"seeds-{profile}-", "") for k in done}
+    first = next(iter(plan))
+    short = {k: "s0 (" + k + ")" if k == first and not k.startswith("seeds-") else k.replace(f"seeds-{profile}-", "")
+             for k in done}
     print("\n| figure | " + " | ".join(short.values()) + " | spread over seeds (max - min) |")
     print("|---|" + "---|" * len(done) + "---|")
     for key in keys:
@@ -117,13 +173,16 @@ def table(profile: str, plan: dict[str, dict]) -> dict:
         seed_values = [done[k][key] for k in seeds if done[k].get(key) is not None]
         spread = f"{max(seed_values) - min(seed_values):.3f}" if len(seed_values) > 1 else ""
         cells = ["" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}") for v in values]
+        if shared and key.startswith("simulator "):  # one simulator for every run: its figures are seed 0's
+            cells = [c if k == first else "shared" for k, c in zip(done, cells)]
+            spread = ""
         print(f"| {key} | " + " | ".join(cells) + f" | {spread} |")
     failed = {k: bars_held(profile, plan[k], done[k]) for k in done}
     print("| bars held | " + " | ".join("yes" if not f else "no: " + ", ".join(f) for f in failed.values()) + " | |")
     missing = [k for k in plan if k not in done]
     if missing:
         print(f"\nnot finished: {', '.join(missing)}")
-    out = {"runs": done, "failed_bars": failed}
+    out = {"runs": done, "failed_bars": failed, "shared_simulator": first if shared else None}
     path = ROOT / "outputs" / f"seeds-{profile}" / "seeds.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -135,14 +194,18 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-fp32", action="store_true", help="skip the run with bf16 autocast off")
+    ap.add_argument("--own-simulators", action="store_true", help="every run builds its own simulator (01-03)")
+    ap.add_argument("--notebooks", nargs="+", default=NOTEBOOKS, choices=NOTEBOOKS, help="run only these")
+    ap.add_argument("--runs", nargs="+", help="run only these runs (names as in the table), e.g. to split the "
+                                              "work over two processes; the table still shows every finished run")
     ap.add_argument("--table-only", action="store_true", help="print the table of the runs finished so far")
     ap.add_argument("--kernel", default="zerosearch")
     args = ap.parse_args()
     plan = runs(args.profile, args.seeds, not args.no_fp32)
+    shared = not args.own_simulators
     if not args.table_only:
-        for name, overrides in plan.items():
-            run_notebooks(args.profile, overrides, args.kernel)
-    table(args.profile, plan)
+        run_all(args.profile, plan, [nb for nb in NOTEBOOKS if nb in args.notebooks], args.kernel, shared, args.runs)
+    table(args.profile, plan, shared)
 
 
 if __name__ == "__main__":
