@@ -68,6 +68,10 @@ def _executed_ok(path: Path) -> bool:
 
 def share_simulator(source, P) -> None:
     """Link the source run's simulator base and fine-tuned simulator into run ``P``."""
+    if not (Path(source.simulator_path) / "tokenizer.json").exists():  # the last file tiny.build_bases saves
+        # (a link to a base still being built would make notebook 00 build it again, into the source's folder)
+        raise SystemExit(f"{P.name}: the shared simulator base {source.simulator_path} is not built yet: "
+                         f"run {source.name}'s notebook 00 first")
     for ours, theirs in ((Path(P.simulator_path), Path(source.simulator_path)), (P.simulator_dir, source.simulator_dir)):
         ours.parent.mkdir(parents=True, exist_ok=True)
         if not ours.is_symlink():
