@@ -8,7 +8,7 @@
    stop string afterwards, as the original code does;
 4. batched without the kept cache: every turn encodes the whole context again;
 5. batched without the shared prefix: each row encodes the instruction itself;
-6. generate-to-max at the original's limit of 500 tokens per turn (DESIGN §2) instead of the
+6. generate-to-max at the original's limit of 500 tokens per turn (docs/method.md §3) instead of the
    profile's (tiny: 48). Generate-to-max wastes at most the limit minus the turn's length, so the
    token ratio depends on the limit: both are reported;
 7. batched with one prefill call per turn: every row's new tokens padded to the longest row's.

@@ -5,7 +5,7 @@ once against BM25 and once against the fine-tuned simulator serving useful docum
 0), 1-hop and 2-hop questions apart. Per setting: EM, searches per question, EM by searches made,
 and how often the first search's documents already hold the final answer.
 
-The simulator is told the gold answer (DESIGN §3), and notebook 02's ``contains`` judge labels
+The simulator is told the gold answer (docs/method.md §5), and notebook 02's ``contains`` judge labels
 documents useful only when they hold it (``labeling.evidence``, off by default, changes that). So for a 2-hop question's first hop, which a real engine
 answers with the bridge entity alone, the simulator tends to write the final answer in. One search
 then pays against the simulator but never against BM25, which is what RL learns from (README,

@@ -65,3 +65,16 @@ def test_profile_reads_a_local_copy_before_the_hub(tmp_path):
     p = load_profile("qwen3-0.6b", overrides={"data.local_dir": str(ROOT / "data")})
     ds = load_for_profile(p, "flashrag_sample", "test")
     assert len(ds) == 5 and ds[1]["golden_answers"] == ["Jane Austen", "Austen"]
+
+
+def test_a_users_own_dataset_by_path_with_any_name(tmp_path):
+    from zslib import config, data
+
+    file = tmp_path / "my_questions.jsonl"
+    file.write_text(json.dumps({"id": "a", "question": "Who?", "golden_answers": ["Ann"]}) + "\n")
+    profile = config.load_profile("tiny")
+    rows = data.load_for_profile(profile, str(file), data.eval_split(str(file))).to_list()
+    assert rows == [{"id": "a", "question": "Who?", "golden_answers": ["Ann"], "dataset": "my_questions"}]
+    assert data.eval_split("my_questions") == "test" and data.eval_split("hotpotqa") == "dev"
+    with pytest.raises(data.DataError, match="dataset 'no_such_set'.*not a FlashRAG name"):
+        data.load_for_profile(profile, "no_such_set", "test")

@@ -1,3 +1,7 @@
+import json
+
+import pytest
+
 from zslib.evaluate import score_trajectories
 from zslib.rollout import Trajectory
 
@@ -65,3 +69,115 @@ def test_heldout_scores_add_the_two_hop_questions_only_where_the_dataset_has_the
         assert ("two_hop" in scores) == has_two_hop
         if has_two_hop:
             assert {r["hops"] for r in seen[1]} == {2} and scores["two_hop"]["n"] == len(seen[1]) > 0
+
+
+# ---------------------------------------------------------------- the harness of notebook 05
+
+class _WordTokenizer:
+    """One token per whitespace-separated word, enough for ``evaluate.score``."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.texts[tuple(ids)]
+
+
+def _scored(cases):
+    """Trajectories whose responses are given texts (response ids are looked up by the tokenizer)."""
+    tok, trajs = _WordTokenizer(), []
+    tok.texts = {}
+    for i, (response, answer, golds, searches) in enumerate(cases):
+        t = Trajectory("Q?", golds, token_ids=[-1, i], prompt_len=1, answer=answer,
+                       calls=[{"query": "q", "docs": [], "noisy": None}] * searches)
+        tok.texts[(i,)] = response
+        trajs.append(t)
+    return trajs, tok
+
+
+def test_score_on_hand_made_predictions():
+    from zslib.evaluate import score
+
+    trajs, tok = _scored([
+        ("<think> x </think><answer> Paris </answer>", "Paris", ["Paris"], 0),                    # EM 1
+        ("<search> a </search><information> d </information><answer> the Big Apple </answer>",
+         "the Big Apple", ["New York", "Big Apple"], 1),                                          # second gold: EM 1
+        ("<search> b </search><information> d </information><answer> Paris Texas </answer>",
+         "Paris Texas", ["Paris"], 1),                                                            # cover-EM 1, F1 2/3
+        ("I do not know", None, ["Rome"], 0),                                                     # no answer, invalid
+        ("<answer> Lyon </answer> trailing words", "Lyon", ["Nice"], 2),                          # wrong and invalid
+    ])
+    s = score(trajs, tok)
+    assert s["n"] == 5
+    assert s["em"] == pytest.approx(2 / 5)
+    assert s["cover_em"] == pytest.approx(3 / 5)
+    assert s["f1"] == pytest.approx((1 + 1 + 2 / 3 + 0 + 0) / 5)  # "paris texas" vs "paris": P 1/2, R 1
+    assert s["searches_per_question"] == pytest.approx(4 / 5) and s["searched_share"] == pytest.approx(3 / 5)
+    assert s["invalid_rate"] == pytest.approx(2 / 5)
+    assert s["answer_tokens"] == pytest.approx((1 + 3 + 2 + 0 + 1) / 5)  # no answer counts 0
+    lo, hi = s["em_ci"]
+    assert 0 <= lo < 0.4 < hi <= 1
+
+
+def test_bootstrap_interval_on_known_cases():
+    import math
+
+    from zslib.evaluate import bootstrap_ci
+
+    assert bootstrap_ci([1.0] * 50) == [1.0, 1.0] and bootstrap_ci([0.0] * 50) == [0.0, 0.0]
+    values = [1.0] * 200 + [0.0] * 200
+    lo, hi = bootstrap_ci(values, seed=3)
+    half = 1.96 * math.sqrt(0.25 / 400)  # the normal approximation: ±0.049
+    assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+    assert bootstrap_ci(values, seed=3) == [lo, hi], "seeded: the same interval every time"
+    lo90, hi90 = bootstrap_ci(values, level=0.90, seed=3)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_results_agree_with_predictions_and_baselines_mean_what_they_say(protocol_model, tokenizer, bm25, tmp_path):
+    from zslib import config, evaluate
+    from zslib.reward import exact_match
+    from zslib.rollout import engine_search_fn
+
+    model, rows = protocol_model
+    profile = config.load_profile("tiny")
+    methods = evaluate.baselines(model, tokenizer)
+    sets = {"one": rows[:10], "two": rows[10:16]}
+    results, preds = evaluate.evaluate_all(profile, methods, sets, {"bm25": engine_search_fn(bm25, 3)})
+    assert [(r["method"], r["dataset"]) for r in results] == [(m, d) for m in ("direct", "rag", "base") for d in sets]
+    paths = evaluate.write_results(tmp_path, results, preds)
+    saved = json.loads(paths["json"].read_text())["rows"]
+    lines = [json.loads(line) for line in paths["predictions"].read_text().splitlines()]
+    assert len(lines) == 3 * 16
+    for r in saved:
+        mine = [p for p in lines if (p["method"], p["dataset"], p["engine"]) == (r["method"], r["dataset"], r["engine"])]
+        assert r["n"] == len(mine) == len(sets[r["dataset"]])
+        assert r["em"] == pytest.approx(sum(exact_match(p["prediction"], p["golden_answers"]) for p in mine) / len(mine))
+        assert r["searched_share"] == pytest.approx(sum(p["searches"] > 0 for p in mine) / len(mine))
+        assert set(r) == set(evaluate.RESULT_KEYS)
+    by = {(r["method"], r["dataset"]): r for r in saved}
+    assert by[("base", "one")]["searched_share"] > 0.5, "the protocol model searches"
+    assert by[("rag", "one")]["searches_per_question"] == 0, "rag answers in one turn, from documents it was given"
+    direct = [p for p in lines if p["method"] == "direct"]
+    assert all("<information></information>" in p["response"].replace("\n", "") or p["searches"] == 0 for p in direct)
+    assert "| base | one | bm25 |" in paths["md"].read_text()
+
+
+def test_rag_puts_the_questions_documents_before_the_first_turn(tokenizer, bm25, tiny_world):
+    from zslib import evaluate
+    from zslib.rollout import engine_search_fn
+    from zslib.search import format_docs
+
+    rows = tiny_world["splits"]["test"][:2]
+    rag = evaluate.Method("rag", None, tokenizer, "rag")
+    prompts, _, turns = evaluate.method_prompts(rag, rows, engine_search_fn(bm25, 3), 3, tiny=True)
+    assert turns == 0
+    for r, p in zip(rows, prompts):
+        assert p.endswith(f"<information>{format_docs(bm25.search([r['question']], 3)[0])}</information>\n\n")
+    direct = evaluate.Method("direct", None, tokenizer, "direct")
+    prompts, hook, turns = evaluate.method_prompts(direct, rows, engine_search_fn(bm25, 3), 3, tiny=True)
+    assert prompts is None and turns is None and hook(["anything"], [None]) == ([[]], [None])
+    prompts, _, turns = evaluate.method_prompts(direct, rows, engine_search_fn(bm25, 3), 3, tiny=False)
+    assert turns == 0 and "without searching" in prompts[0] and rows[0]["question"] in prompts[0]
+    with pytest.raises(ValueError, match="style must be"):
+        evaluate.Method("x", None, tokenizer, "oracle")

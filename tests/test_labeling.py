@@ -1,4 +1,8 @@
-from zslib import labeling, world
+import json
+
+import pytest
+
+from zslib import collect, config, labeling, world
 from zslib.simulator import parse_docs
 
 
@@ -164,3 +168,138 @@ def test_lead_with_answer_moves_the_answer_to_the_first_sentence():
     noisy = {**pair, "useful": False}
     assert labeling.lead_with_answer(noisy) is noisy
     assert labeling.lead_with_answer({**pair, "golden_answers": ["Quux"]})["docs"] == pair["docs"]
+
+
+# --- build_pairs: the whole recipe of notebook 02 on hand-made trajectories -------------------------
+
+def _mentions(doc, answer):
+    return answer.lower() in f"{doc[0]} {doc[1]}".lower()
+
+
+@pytest.fixture
+def recipe(tiny_world, monkeypatch, tmp_path):
+    """Trajectory records as ``collect.read_trajectories`` yields them, about five people of the
+    tiny world's train split, and a profile whose data folder is that world's (k = 2 documents)."""
+    monkeypatch.setattr(config.Profile, "data_dir", property(lambda self: tiny_world["dir"]))
+    test_subjects = {r["subject"] for r in tiny_world["splits"]["test"]}
+    by_title = {a["title"]: [a["title"], a["text"]] for a in tiny_world["articles"]}
+    rows, subjects = [], set()
+    for r in tiny_world["splits"]["train"]:  # each answered by its subject's article, not in its opening sentence
+        if r["hops"] == 1 and r["relation"] in ("born_in", "educated_at") and r["subject"] not in subjects:
+            rows.append(r)
+            subjects.add(r["subject"])
+        if len(rows) == 5:
+            break
+    a, b, c, d, e = rows
+    answers = [r["golden_answers"][0] for r in rows]
+    fillers = [doc for title, doc in sorted(by_title.items())
+               if title not in test_subjects | subjects and not any(_mentions(doc, x) for x in answers)][:6]
+    held_out = next(by_title[t] for t in sorted(test_subjects) if not any(_mentions(by_title[t], x) for x in answers))
+    article = {r["subject"]: by_title[r["subject"]] for r in rows}
+    wrong = fillers[0][0]  # a name, never a gold answer
+
+    def rec(i, row, answer, query, docs):
+        return {"id": f"tiny/train_{i}", "sample": 0, "question": row["question"],
+                "golden_answers": row["golden_answers"], "answer": answer, "calls": [
+                    {"query": query, "docs": docs, "noisy": None}]}
+
+    q = {r["subject"]: f"{r['subject']} {world.RELATION_KEYWORDS[r['relation']]}" for r in rows}
+    records = [
+        rec(0, a, answers[0], q[a["subject"]], [article[a["subject"]], fillers[1]]),  # right, docs hold it
+        rec(1, b, wrong, q[b["subject"]], [article[b["subject"]], fillers[2]]),       # wrong, docs hold it
+        rec(2, c, answers[2], q[c["subject"]], [fillers[3], fillers[4]]),             # right, docs lack it
+        rec(3, a, answers[0], "  " + q[a["subject"]].upper(), [article[a["subject"]], fillers[1]]),  # a repeat of 0
+        rec(4, d, answers[3], q[d["subject"]], [article[d["subject"]]]),              # one document only
+        rec(5, e, wrong, q[e["subject"]], [held_out, fillers[5]]),                    # a held-out subject's article
+    ]
+    path = tmp_path / "trajectories.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = collect.read_trajectories(path)
+    assert len(records) == 6 and all(not _mentions(article[r["subject"]][1].split(". ")[0], x)
+                                     for r, x in zip(rows, answers))
+
+    def profile(**labeling):
+        overrides = {"simulator.topk": 2, "labeling.judge": "none", "labeling.paired": False, "labeling.invented": 0,
+                     "labeling.balance": False, "labeling.answer_first": False}
+        return config.load_profile("tiny", {**overrides, **{f"labeling.{k}": v for k, v in labeling.items()}})
+
+    return {"records": records, "rows": rows, "queries": q, "held_out": held_out[0], "profile": profile,
+            "test_subjects": test_subjects}
+
+
+def _label_of(pairs, query):
+    return [p["useful"] for p in pairs if p["query"] == query]
+
+
+def test_build_pairs_v1_deduplicates_and_keeps_full_pairs(recipe, bm25):
+    a, b, c, d, e = recipe["rows"]
+    q = recipe["queries"]
+    pairs, info = labeling.build_pairs(recipe["profile"](), recipe["records"], bm25)
+    assert info["v1"]["pairs"] == 6 and info["v1"]["by_source"] == {"trajectory/noisy": 2, "trajectory/useful": 4}
+    assert info["judge_changed"] is None
+    assert info["deduplicated"] == 5, "the repeat of the first trajectory's query (case, spaces) is dropped"
+    # d's pair has one document, e's loses the held-out article and keeps one: both are too short for k = 2.
+    assert sorted(p["query"] for p in pairs) == sorted([q[a["subject"]], q[b["subject"]], q[c["subject"]]])
+    assert _label_of(pairs, q[a["subject"]]) == [True] and _label_of(pairs, q[b["subject"]]) == [False]
+    assert _label_of(pairs, q[c["subject"]]) == [True], "v1 trusts the right answer"
+    assert all(len(p["docs"]) == 2 for p in pairs)
+
+
+def test_build_pairs_contains_judge_relabels_by_the_documents(recipe, bm25):
+    a, b, c, d, e = recipe["rows"]
+    q = recipe["queries"]
+    pairs, info = labeling.build_pairs(recipe["profile"](judge="contains"), recipe["records"], bm25)
+    assert info["judged"] == 6 and info["judge_changed"] == 2  # b (wrong, docs hold it) and c (right, docs lack it)
+    assert _label_of(pairs, q[a["subject"]]) == [True]
+    assert _label_of(pairs, q[b["subject"]]) == [True] and _label_of(pairs, q[c["subject"]]) == [False]
+    assert info["final"]["answer_in_docs"] == {"useful": 1.0, "noisy": 0.0}
+
+
+class _YesBackend:
+    """An llm judge that says yes to everything: every pair becomes useful."""
+    def generate(self, prompts, max_new_tokens, temperature, top_p):
+        return [[1] for _ in prompts]
+
+
+class _CharTokenizer:
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(ch) for ch in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "Yes"
+
+
+def test_build_pairs_uses_the_llm_judge_it_is_given(recipe, bm25):
+    pairs, info = labeling.build_pairs(recipe["profile"](judge="llm"), recipe["records"], bm25,
+                                       judge=(_YesBackend(), _CharTokenizer()))
+    assert info["judge_changed"] == 2  # the two wrong trajectories' pairs
+    assert len(pairs) == 3 and all(p["useful"] for p in pairs)
+
+
+def test_build_pairs_full_recipe(recipe, bm25):
+    P = recipe["profile"](judge="contains", paired=True, invented=12, balance=True, answer_first=True)
+    pairs, info = labeling.build_pairs(P, recipe["records"], bm25)
+    assert {p["source"] for p in pairs} == {"trajectory", "counterpart", "invented"}
+    assert all(len(p["docs"]) == 2 for p in pairs)
+    useful = [p for p in pairs if p["useful"]]
+    assert len(useful) == len(pairs) - len(useful) > 0
+    assert info["final"]["pairs"] == len(pairs)
+    titles = {t for p in pairs for t, _ in p["docs"]}
+    assert recipe["held_out"] not in titles and not titles & recipe["test_subjects"]
+    for p in pairs:
+        answer = p["golden_answers"][0]
+        first_sentence = p["docs"][0][1].split(". ")[0]
+        if p["useful"]:  # answer first: the first document opens with the sentence stating the answer
+            assert answer in first_sentence, (p["query"], p["docs"][0])
+        else:
+            assert not any(_mentions(doc, answer) for doc in p["docs"])
+    a = recipe["rows"][0]
+    mine = [p for p in pairs if p["source"] == "trajectory" and p["question"] == a["question"]]
+    assert len(mine) <= 1  # the repeat is gone (balance may also have dropped the one left)
+    if mine:  # its article, the answer sentence moved to the front, the other sentences kept
+        title, text = mine[0]["docs"][0]
+        original = dict(recipe["records"][0]["calls"][0]["docs"])[title]
+        assert title == a["subject"] and text != original
+        assert sorted(x.rstrip(".") for x in text.split(". ")) == sorted(x.rstrip(".") for x in original.split(". "))

@@ -1,4 +1,4 @@
-"""RL algorithms as pure tensor functions (DESIGN §7, verl's conventions).
+"""RL algorithms as pure tensor functions (docs/method.md §9, verl's conventions).
 
 Shapes are ``[batch, tokens]`` over the response, with ``mask`` (the loss mask) of the same shape:
 1 on tokens the policy generated, 0 on everything else (``<information>`` blocks, invalid-action

@@ -1,4 +1,4 @@
-"""Step 1 (DESIGN §4): a collector model runs the protocol against a real engine; every
+"""Step 1 (docs/method.md §6): a collector model runs the protocol against a real engine; every
 trajectory is appended to a JSONL file as soon as its batch finishes.
 
 An interrupted collection resumes where it stopped: rows already in the file are skipped, and

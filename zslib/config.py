@@ -54,7 +54,7 @@ class ModelsConfig:
 
 @dataclass
 class TinyConfig:
-    """The tiny Qwen3-architecture models and their CPU pretraining (DESIGN §10)."""
+    """The tiny Qwen3-architecture models and their CPU pretraining (docs/method.md §12)."""
     bpe_merges: int = 1000
     hidden_size: int = 256
     intermediate_size: int = 768
@@ -100,7 +100,7 @@ class RolloutConfig:
 
 @dataclass
 class CollectConfig:
-    """Step 1: the collector runs the protocol against the real engine (DESIGN §4)."""
+    """Step 1: the collector runs the protocol against the real engine (docs/method.md §6)."""
     model: str | None = None      # None: the policy base (tiny) / models.policy; else a hub id or path
     split: str = "train"
     n_questions: int = 1500
@@ -117,7 +117,7 @@ class LabelingConfig:
     judge_model: str | None = None
     evidence: bool = False        # contains: a dataset's supporting documents count as useful too (see README)
     balance: bool = True          # as many useful as noisy pairs
-    paired: bool = True           # add each query's other label from the real engine (DESIGN §10)
+    paired: bool = True           # add each query's other label from the real engine (docs/method.md §6)
     invented: int = 0             # extra paired examples about invented entities (tiny profile)
     answer_first: bool = False    # useful completions state the answer in their first sentence
     max_pairs: int = 20000
@@ -125,7 +125,7 @@ class LabelingConfig:
 
 @dataclass
 class SimulatorConfig:
-    """Step 3: the simulator's prompt, fine-tuning and decoding (DESIGN §3)."""
+    """Step 3: the simulator's prompt, fine-tuning and decoding (docs/method.md §5)."""
     prompt: str = "finetuned"     # finetuned | prompt_only
     topk: int = 5                 # documents per simulated search
     words_per_doc: int = 30
@@ -151,7 +151,7 @@ class SimulatorConfig:
 
 @dataclass
 class RLConfig:
-    """Step 4: curriculum RL against the simulator (DESIGN §5-7); each profile's ``rl:`` section
+    """Step 4: curriculum RL against the simulator (docs/method.md §7-9); each profile's ``rl:`` section
     sizes the run (tiny: about 10 minutes on 2 cores; GPU profiles: the original's values)."""
     algorithm: str = "grpo"           # grpo | ppo | reinforce_pp | reinforce_pp_baseline
     steps: int = 100                  # m, the curriculum's length too
@@ -326,17 +326,41 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def load_profile(profile: str | Path = "tiny", overrides: dict | None = None) -> Profile:
-    """Load a profile by name (``configs/<name>.yaml``) or by YAML path, then apply overrides."""
+def _profile_path(profile: str | Path) -> Path:
     path = Path(profile)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{profile}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"no profile {profile!r}: {path} does not exist (known: {known})")
+    return path
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _raw_profile(path: Path, seen: tuple = ()) -> dict:
+    """The YAML mapping of a profile; ``extends: <profile>`` starts from another profile's mapping."""
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = _profile_path(parent)
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends: {parent}' makes a cycle")
+    return _merged(_raw_profile(parent_path, seen + (path.resolve(),)), raw)
+
+
+def load_profile(profile: str | Path = "tiny", overrides: dict | None = None) -> Profile:
+    """Load a profile by name (``configs/<name>.yaml``) or by YAML path, then apply overrides."""
+    path = _profile_path(profile)
+    raw = _raw_profile(path)
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
     try:

@@ -1,4 +1,4 @@
-"""The noise curriculum (DESIGN §5): the share of search calls served noisy documents rises
+"""The noise curriculum (docs/method.md §7): the share of search calls served noisy documents rises
 over training, from easy (mostly useful documents) to hard.
 
     p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s),   i = 1..m

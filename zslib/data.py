@@ -116,12 +116,29 @@ EVAL_SPLIT = {"nq": "test", "triviaqa": "test", "popqa": "test", "bamboogle": "t
               "hotpotqa": "dev", "2wikimultihopqa": "dev", "musique": "dev", "tiny": "test"}
 
 
+def eval_split(name: str) -> str:
+    """The split a dataset is evaluated on: FlashRAG's convention, ``test`` for any other set."""
+    return EVAL_SPLIT.get(name, "test")
+
+
 def load_for_profile(profile, name: str, split: str) -> datasets.Dataset:
-    """A dataset as a profile sees it: the tiny world under outputs/, a local copy, or the hub."""
+    """A dataset as a profile sees it, tried in this order: the tiny world under outputs/; a path
+    (a JSONL or parquet file in FlashRAG form, used whatever the split, or a folder of
+    ``<split>.jsonl``/``.parquet``), relative to the repository or absolute; ``<data.local_dir>/<name>``;
+    a FlashRAG name on the hub. A name that is none of these is an error listing what was tried."""
     if name == "tiny":
         return load_qa("tiny", split, profile.data_dir)
+    for candidate in (Path(name), ROOT / name):
+        if candidate.suffix in (".jsonl", ".parquet", ".json") or candidate.is_dir():
+            if candidate.exists():
+                return load_qa(candidate.stem, split, candidate)
     local = Path(profile.data.local_dir) / name if profile.data.local_dir else None
-    return load_qa(name, split, local)
+    if local is not None and (local.exists() or name not in FLASHRAG_DATASETS):
+        return load_qa(name, split, local)
+    if name not in FLASHRAG_DATASETS:
+        raise DataError(f"dataset {name!r}: not 'tiny', not a JSONL/parquet file or folder (tried {Path(name)} and "
+                        f"{ROOT / name}), no data.local_dir, and not a FlashRAG name ({', '.join(FLASHRAG_DATASETS)})")
+    return load_qa(name, split, None)
 
 
 def sample_questions(profile, names: list[str], split: str, n: int, seed: int) -> list[dict]:

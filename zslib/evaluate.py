@@ -1,11 +1,21 @@
-"""Evaluation: retrieval recall of an engine, and QA scores of a policy run through rollouts."""
+"""Evaluation: retrieval recall of an engine, QA scores of a policy run through rollouts, and the
+harness of notebook 05 (methods × datasets × engines, with bootstrap intervals, written to
+``outputs/<profile>/eval/``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
 from tqdm.auto import tqdm
 
-from .reward import cover_exact_match, exact_match, f1_score
-from .rollout import HFBackend, engine_search_fn, rollout
+from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
+from .reward import cover_exact_match, exact_match, extract_answer, f1_score, valid_format
+from .rollout import HFBackend, Trajectory, engine_search_fn, rollout
+from .search import NullEngine
 
 
 def retrieval_recall(engine, rows: list[dict], topk: int, batch_size: int = 256) -> float:
@@ -56,10 +66,10 @@ def heldout_questions(profile, n: int | None = None, hops: int = 1) -> list[dict
     """The held-out questions every policy evaluation uses: the first ``n`` (default
     ``data.eval_size``) questions with ``hops`` hops of the first evaluation set's test split
     (datasets without hop counts count as 1-hop)."""
-    from .data import EVAL_SPLIT, load_for_profile
+    from .data import eval_split, load_for_profile
 
     name = profile.data.eval_sets[0]
-    rows = load_for_profile(profile, name, EVAL_SPLIT[name]).to_list()
+    rows = load_for_profile(profile, name, eval_split(name)).to_list()
     return [r for r in rows if r.get("hops", 1) == hops][: n or profile.data.eval_size]
 
 
@@ -76,7 +86,7 @@ def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
 
 
 def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate") -> dict:
-    """A policy's greedy scores with a real engine (validation never uses the simulator, DESIGN §5)."""
+    """A policy's greedy scores with a real engine (validation never uses the simulator, docs/method.md §7)."""
     was_training = model.training
     model.eval()
     scores, _ = evaluate_policy(HFBackend(model, tokenizer), tokenizer, rows,
@@ -93,3 +103,184 @@ def heldout_scores(model, tokenizer, profile, engine, n: int | None = None, desc
     if two_hop:
         scores["two_hop"] = greedy_with_engine(model, tokenizer, two_hop, engine, profile, desc=f"{desc}, 2-hop")
     return scores
+
+
+# ---------------------------------------------------------------- the harness (notebook 05)
+
+BASELINES = ("direct", "rag", "base")
+RESULT_KEYS = ("method", "dataset", "engine", "em", "em_ci", "cover_em", "f1", "searches_per_question",
+               "searched_share", "invalid_rate", "answer_tokens", "n")
+
+
+@dataclass
+class Method:
+    """A policy and how it is asked: ``protocol`` (search as it likes), ``direct`` (no documents)
+    or ``rag`` (the question's top-k documents up front, then one answer)."""
+    name: str
+    model: object
+    tokenizer: object
+    style: str = "protocol"
+
+    def __post_init__(self):
+        if self.style not in ("protocol", "direct", "rag"):
+            raise ValueError(f"method {self.name!r}: style must be protocol, direct or rag, not {self.style!r}")
+
+
+def baselines(model, tokenizer) -> list[Method]:
+    """``direct``, ``rag`` and ``base``: the untrained policy base asked three ways."""
+    return [Method("direct", model, tokenizer, "direct"), Method("rag", model, tokenizer, "rag"),
+            Method("base", model, tokenizer, "protocol")]
+
+
+def trained_runs(profile) -> dict[str, Path]:
+    """Every trained policy a run produced: notebook 04's (``rl``) and each ``rl/compare/<name>``."""
+    runs = {}
+    if (profile.rl_dir / "policy" / "config.json").exists():
+        runs[f"rl ({profile.rl.algorithm})"] = profile.rl_dir / "policy"
+    compare = profile.rl_dir / "compare"
+    for d in sorted(compare.iterdir()) if compare.is_dir() else []:
+        if (d / "policy" / "config.json").exists():
+            runs[f"compare/{d.name}"] = d / "policy"
+    return runs
+
+
+def eval_datasets(profile, n: int | None = None) -> dict[str, list[dict]]:
+    """The held-out questions by dataset: the tiny world's 1-hop and 2-hop ones, or the first ``n``
+    (default ``data.eval_size``) of every set in ``data.eval_sets``."""
+    from .data import eval_split, load_for_profile
+
+    n = n or profile.data.eval_size
+    if profile.data.eval_sets == ["tiny"]:
+        sets = {"tiny 1-hop": heldout_questions(profile, n), "tiny 2-hop": heldout_questions(profile, n, hops=2)}
+        return {k: v for k, v in sets.items() if v}
+    return {name: load_for_profile(profile, name, eval_split(name)).to_list()[:n] for name in profile.data.eval_sets}
+
+
+def method_prompts(method: Method, rows: list[dict], search_fn, topk: int, tiny: bool):
+    """(prompts, search hook, turns) for one method: what each baseline means on each kind of model.
+
+    The tiny policy knows only the protocol, so there ``direct`` is the protocol with an engine that
+    finds nothing and ``rag`` the protocol with the question's documents in an ``<information>``
+    block before its first turn. Instruct models get prompts of their own. ``rag`` answers in one turn.
+    """
+    tok = method.tokenizer
+    if method.style == "protocol":
+        return None, search_fn, None
+    if method.style == "direct":
+        if tiny:
+            return None, engine_search_fn(NullEngine(), topk), None
+        return [render_user_prompt(tok, direct_user_message(r["question"])) for r in rows], search_fn, 0
+    stubs = [Trajectory(r["question"], list(r["golden_answers"])) for r in rows]
+    docs, _ = search_fn([r["question"] for r in rows], stubs)  # one retrieval with the question
+    if tiny:
+        return [render_policy_prompt(tok, r["question"]) + information_block(d).lstrip("\n")
+                for r, d in zip(rows, docs)], search_fn, 0
+    return [render_user_prompt(tok, rag_user_message(r["question"], d)) for r, d in zip(rows, docs)], search_fn, 0
+
+
+def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str = "evaluate",
+               temperature: float = 0.0) -> list[Trajectory]:
+    """Greedy (by default) rollouts of one method on ``rows``, batched as in training."""
+    cfg = profile.rollout
+    was_training = getattr(method.model, "training", False)
+    method.model.eval()
+    backend = HFBackend(method.model, method.tokenizer)
+    trajs = []
+    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, leave=False):
+        chunk = rows[i:i + cfg.batch_size]
+        prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny)
+        run_cfg = cfg if turns is None else dataclasses.replace(cfg, max_turns=turns)
+        trajs += rollout(backend, method.tokenizer, chunk, hook, run_cfg, temperature=temperature, prompts=prompts)
+    method.model.train(was_training)
+    return trajs
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean: ``resamples`` draws of n values with replacement."""
+    if not values:
+        return [0.0, 0.0]
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return [means[int(tail * (resamples - 1))], means[int(round((1 - tail) * (resamples - 1)))]]
+
+
+def score(trajs: list[Trajectory], tokenizer, seed: int = 0) -> dict:
+    """The result row's metrics (fractions in 0..1). ``invalid_rate``: responses out of the protocol's
+    order (think? (search information think?)* answer); ``answer_tokens``: mean tokens of the
+    extracted answers (questions without one count 0)."""
+    n = max(1, len(trajs))
+    em = [exact_match(t.answer, t.golden_answers) for t in trajs]
+    responses = [tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in trajs]
+    return {
+        "em": sum(em) / n,
+        "em_ci": bootstrap_ci(em, seed=seed),
+        "cover_em": sum(cover_exact_match(t.answer, t.golden_answers) for t in trajs) / n,
+        "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / n,
+        "searches_per_question": sum(len(t.calls) for t in trajs) / n,
+        "searched_share": sum(len(t.calls) > 0 for t in trajs) / n,
+        "invalid_rate": sum(not valid_format(r) for r in responses) / n,
+        "answer_tokens": sum(len(tokenizer(t.answer, add_special_tokens=False)["input_ids"]) if t.answer else 0
+                             for t in trajs) / n,
+        "n": len(trajs),
+    }
+
+
+def predictions(trajs: list[Trajectory], rows: list[dict], tokenizer, method: str, dataset: str, engine: str) -> list[dict]:
+    return [{"method": method, "dataset": dataset, "engine": engine, "id": r.get("id"), "question": r["question"],
+             "golden_answers": list(r["golden_answers"]), "prediction": t.answer, "searches": len(t.calls),
+             "response": tokenizer.decode(t.response_ids, skip_special_tokens=True)}
+            for t, r in zip(trajs, rows)]
+
+
+def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]], engines: dict[str, object],
+                 seed: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Every (method, dataset, engine): result rows and one prediction per question.
+
+    ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``). With several datasets,
+    each (method, engine) also gets an ``average`` row (the datasets' unweighted mean, as papers report).
+    """
+    seed = profile.seed if seed is None else seed
+    rows, preds = [], []
+    for engine_name, hook in engines.items():
+        for method in methods:
+            per_set = []
+            for set_name, questions in datasets.items():
+                trajs = run_method(method, questions, hook, profile, desc=f"{method.name}, {set_name}, {engine_name}")
+                rows.append({"method": method.name, "dataset": set_name, "engine": engine_name,
+                             **score(trajs, method.tokenizer, seed)})
+                per_set.append(rows[-1])
+                preds += predictions(trajs, questions, method.tokenizer, method.name, set_name, engine_name)
+            if len(per_set) > 1 and profile.data.eval_sets != ["tiny"]:
+                mean = {k: sum(r[k] for r in per_set) / len(per_set) for k in RESULT_KEYS[3:] if k != "em_ci"}
+                mean["em_ci"] = [sum(r["em_ci"][i] for r in per_set) / len(per_set) for i in (0, 1)]
+                mean["n"] = sum(r["n"] for r in per_set)
+                rows.append({"method": method.name, "dataset": "average", "engine": engine_name, **mean})
+    return rows, preds
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """The result rows as a markdown table (EM, cover-EM and F1 in points)."""
+    head = ("| method | dataset | engine | EM | 95% interval | cover-EM | F1 | searches/q | searched | invalid "
+            "| answer tokens | n |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['method']} | {r['dataset']} | {r['engine']} | {100 * r['em']:.1f} | "
+             f"{100 * r['em_ci'][0]:.1f}–{100 * r['em_ci'][1]:.1f} | {100 * r['cover_em']:.1f} | {100 * r['f1']:.1f} | "
+             f"{r['searches_per_question']:.2f} | {r['searched_share']:.2f} | {r['invalid_rate']:.2f} | "
+             f"{r['answer_tokens']:.1f} | {r['n']} |" for r in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, rows: list[dict], preds: list[dict]) -> dict[str, Path]:
+    """``results.json`` ({"rows": […]}), ``results.md`` and ``predictions.jsonl``, each written atomically."""
+    from .data import write_jsonl
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "predictions": out_dir / "predictions.jsonl"}
+    for key, text in (("json", json.dumps({"rows": [{k: r[k] for k in RESULT_KEYS} for r in rows]}, indent=1)),
+                      ("md", results_markdown(rows))):
+        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(paths[key])
+    write_jsonl(paths["predictions"], preds)
+    return paths

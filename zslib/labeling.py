@@ -1,4 +1,4 @@
-"""Step 2 (DESIGN §4): trajectories -> labelled (query, documents) pairs -> the simulator's SFT set.
+"""Step 2 (docs/method.md §6): trajectories -> labelled (query, documents) pairs -> the simulator's SFT set.
 
 - v1: a trajectory that answered right (F1 or EM at least a threshold) makes all its calls'
   documents *useful*; a wrong one makes them *noisy*.
@@ -11,6 +11,8 @@
   the prompt tell them apart), optionally joined by examples about invented entities (the
   tiny simulator learns to copy the answer from its prompt only from facts it cannot recall),
   and balanced.
+
+``build_pairs`` runs the whole recipe for a profile, as notebook 02 does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .prompts import render_simulator_prompt, simulator_user_message
 from .reward import exact_match, f1_score, normalize_answer
 from .search import Doc, format_docs
 from .simulator import contains_answer
-from .world import RELATION_KEYWORDS
+from .world import RELATION_KEYWORDS, invented_world, load_entities
 
 
 def label_trajectories(records: list[dict], metric: str = "f1", threshold: float = 0.5) -> list[dict]:
@@ -261,3 +263,64 @@ def heldout_triples(rows: list[dict], n: int, seed: int, exclude: set[str] = fro
         pool = [r for r in pool if r["subject"] not in exclude]
     picked = rng.sample(pool, min(n, len(pool)))
     return [{**r, "query": terse_query(r, rng)} for r in picked]
+
+
+def llm_judge(profile):
+    """The ``llm`` judge's (backend, tokenizer): ``labeling.judge_model``, or the simulator base."""
+    from .models import load_causal_lm  # here, not at the top: torch and transformers load only for the llm judge
+    from .rollout import HFBackend
+
+    model, tokenizer = load_causal_lm(profile.labeling.judge_model or profile.simulator_path, profile.models.dtype)
+    return HFBackend(model, tokenizer, ["\n"]), tokenizer
+
+
+def build_pairs(profile, records: list[dict], engine, judge=None) -> tuple[list[dict], dict]:
+    """The whole labelling recipe of a profile (its ``labeling`` section): v1 labels from the
+    trajectory ``records`` (``collect.read_trajectories``), the judge (none / contains / llm),
+    deduplication, counterparts from the real ``engine`` (``paired``), invented-entity pairs
+    (``invented``), on the tiny profile the removal of the test split's subjects' articles (the
+    simulator is evaluated on them), k = ``simulator.topk`` documents per pair, balancing, a
+    sample of at most ``max_pairs``, and ``answer_first``.
+
+    ``judge``: the llm judge's (backend, tokenizer); None builds it with ``llm_judge``.
+    Returns (pairs, info): info holds ``v1`` and ``final`` (``statistics``), ``judge_changed``
+    (labels the judge changed, None without a judge), ``judged`` (pairs judged) and ``deduplicated``
+    (pairs after deduplication)."""
+    from .data import load_for_profile, sample_questions  # here, not at the top: data loads datasets
+
+    L, k = profile.labeling, profile.simulator.topk
+    if L.judge not in ("none", "contains", "llm"):
+        raise ValueError(f"labeling.judge must be none, contains or llm, not {L.judge!r}")
+    pairs = label_trajectories(records, L.metric, L.threshold)
+    info = {"v1": statistics(pairs), "judge_changed": None, "judged": len(pairs)}
+    # Questions' supporting documents (the tiny world's, or a multi-hop set's) count as evidence too.
+    evidence = (supporting_titles(sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, profile.seed))
+                if L.evidence else {})
+    if L.judge == "contains":
+        pairs = apply_judge(pairs, judge_contains(pairs, evidence))
+    elif L.judge == "llm":
+        backend, tokenizer = judge if judge is not None else llm_judge(profile)
+        pairs = apply_judge(pairs, judge_llm(pairs, backend, tokenizer))
+    if L.judge != "none":
+        info["judge_changed"] = sum(p["useful"] != p["v1_useful"] for p in pairs)
+    pairs = deduplicate(pairs)
+    info["deduplicated"] = len(pairs)
+
+    if L.paired:
+        pairs = add_counterparts(pairs, engine, k, evidence)
+    if L.invented:
+        taken = {e["name"] for e in load_entities(profile.data_dir / "entities.jsonl")}
+        questions, articles = invented_world(profile.world, seed=profile.seed + 1000, taken=taken)
+        pairs += invented_pairs(questions, articles, engine, L.invented, k, seed=profile.seed, real_titles=sorted(taken))
+    # The simulator is evaluated (notebook 03) on test-split subjects: keep their articles out of its SFT set.
+    if profile.is_tiny:
+        held_out = {r["subject"] for r in load_for_profile(profile, "tiny", "test").to_list()}
+        pairs = without_titles(pairs, held_out)
+    pairs = with_k_docs(pairs, k)
+    if L.balance:
+        pairs = balance(pairs, seed=profile.seed)
+    pairs = random.Random(profile.seed).sample(pairs, min(L.max_pairs, len(pairs)))
+    if L.answer_first:
+        pairs = [lead_with_answer(p) for p in pairs]
+    info["final"] = statistics(pairs)
+    return pairs, info

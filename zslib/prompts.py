@@ -1,6 +1,6 @@
 """Every prompt the workbench uses, in one place to read and change.
 
-The policy protocol follows Search-R1 (DESIGN §2) in our own words: reason in <think>,
+The policy protocol follows Search-R1 (docs/method.md §3) in our own words: reason in <think>,
 search with <search>, read results in <information>, answer in <answer>.
 """
 
@@ -25,10 +25,7 @@ INVALID_ACTION = ("\nInvalid action. To search, write <search> query </search>. 
 
 
 def policy_user_message(question: str) -> str:
-    q = question.strip()
-    if not q.endswith("?"):
-        q += "?"
-    return f"{POLICY_INSTRUCTION} Question: {q}"
+    return f"{POLICY_INSTRUCTION} Question: {_question(question)}"
 
 
 def information_block(docs: list[Doc] | str) -> str:
@@ -43,14 +40,47 @@ def render_policy_prompt(tokenizer, question: str, enable_thinking: bool = True)
     Qwen3's template adds an empty <think></think> when ``enable_thinking`` is False; the
     protocol wants the model's own <think>, so thinking stays enabled by default.
     """
-    messages = [{"role": "user", "content": policy_user_message(question)}]
+    return render_user_prompt(tokenizer, policy_user_message(question), enable_thinking)
+
+
+# ---------------------------------------------------------------- baselines (notebook 05)
+
+# For instruct models (GPU profiles). The tiny policy never saw these: on the tiny profile
+# ``direct`` is the protocol with an engine that finds nothing, and ``rag`` the protocol with the
+# question's documents already in an <information> block (``evaluate.method_prompts``).
+DIRECT_INSTRUCTION = (
+    "Answer the given question from your own knowledge, without searching. Write only the short "
+    "final answer inside <answer> and </answer>, for example <answer> Paris </answer>."
+)
+RAG_INSTRUCTION = (
+    "Answer the given question using the documents below. Write only the short final answer "
+    "inside <answer> and </answer>, for example <answer> Paris </answer>."
+)
+
+
+def _question(question: str) -> str:
+    q = question.strip()
+    return q if q.endswith("?") else q + "?"
+
+
+def direct_user_message(question: str) -> str:
+    return f"{DIRECT_INSTRUCTION} Question: {_question(question)}"
+
+
+def rag_user_message(question: str, docs: list[Doc]) -> str:
+    return f"{RAG_INSTRUCTION}\n\nDocuments:\n{format_docs(docs)}\n\nQuestion: {_question(question)}"
+
+
+def render_user_prompt(tokenizer, message: str, enable_thinking: bool = True) -> str:
+    """Any user message, chat-formatted up to the assistant's first token."""
+    messages = [{"role": "user", "content": message}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                              enable_thinking=enable_thinking)
-    return messages[0]["content"] + "\n"
+    return message + "\n"
 
 
-# ---------------------------------------------------------------- simulator (DESIGN §3)
+# ---------------------------------------------------------------- simulator (docs/method.md §5)
 
 # Fine-tuned variant. The useful and noisy prompts differ only in the keyword, which appears
 # twice: in the instruction and in the output cue. The gold answer is in the prompt so a useful

@@ -1,4 +1,4 @@
-"""Answer extraction and QA scores (DESIGN §6): EM, cover-EM and F1 with SQuAD normalisation."""
+"""Answer extraction and QA scores (docs/method.md §8): EM, cover-EM and F1 with SQuAD normalisation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-turn search rollouts (DESIGN §2), batched over every active row.
+"""Multi-turn search rollouts (docs/method.md §3), batched over every active row.
 
 Each turn generates until ``</search>`` or ``</answer>`` (stop strings, not generate-to-max),
 parses the first action, runs all of the turn's searches in one ``search()`` call, and appends
@@ -408,19 +408,21 @@ SearchFn = Callable[[list[str], list["Trajectory"]], tuple[list[list[Doc]], list
 
 
 def rollout(backend: GenerationBackend, tokenizer, rows: list[dict], search_fn: SearchFn, cfg,
-            temperature: float | None = None, enable_thinking: bool = True) -> list[Trajectory]:
+            temperature: float | None = None, enable_thinking: bool = True,
+            prompts: list[str] | None = None) -> list[Trajectory]:
     """Run the protocol on ``rows`` ({"question", "golden_answers"}); ``cfg`` is a RolloutConfig.
 
     ``search_fn(queries, trajectories)`` gets the turn's queries and the rows asking them, so a
     simulator can see each row's question and gold answer; it returns documents per query and
-    whether each call was served noisy documents (None for a real engine).
+    whether each call was served noisy documents (None for a real engine). ``prompts``: each row's
+    rendered prompt, for baselines with prompts of their own (default: the policy prompt).
     """
     temperature = cfg.temperature if temperature is None else temperature
     trajs = []
-    for row in rows:
+    for i, row in enumerate(rows):
         t = Trajectory(row["question"], list(row["golden_answers"]))
-        prompt_ids = tokenizer(render_policy_prompt(tokenizer, row["question"], enable_thinking),
-                               add_special_tokens=False)["input_ids"]
+        text = prompts[i] if prompts is not None else render_policy_prompt(tokenizer, row["question"], enable_thinking)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         t.extend(prompt_ids, from_policy=False)
         t.prompt_len = len(prompt_ids)
         trajs.append(t)

@@ -1,4 +1,4 @@
-"""The search simulator (DESIGN §3): LoRA fine-tuning with TRL, a search engine built on it, and
+"""The search simulator (docs/method.md §5): LoRA fine-tuning with TRL, a search engine built on it, and
 its evaluation against the prompt-only base and the real engine.
 
 ``SimulatedEngine.search(queries, topk, noisy=..., questions=..., answers=...)`` has the same
@@ -98,7 +98,7 @@ class SimulatedEngine:
 
 
 def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):
-    """The rollout hook for RL: one independent noisy draw per search call (DESIGN §5)."""
+    """The rollout hook for RL: one independent noisy draw per search call (docs/method.md §7)."""
     def search_fn(queries, trajs):
         noisy = draw_noisy(len(queries), noise_probability, rng)
         docs = engine.search(queries, topk, noisy=noisy, questions=[t.question for t in trajs],

@@ -1,4 +1,4 @@
-"""The tiny offline profile's tokenizer and Qwen3-architecture base models (DESIGN §10).
+"""The tiny offline profile's tokenizer and Qwen3-architecture base models (docs/method.md §12).
 
 - ``train_tokenizer``: byte-level BPE (~1k merges, so unseen names split like seen ones),
   the protocol tags as atomic tokens, wrapped as a transformers tokenizer with a

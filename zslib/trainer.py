@@ -1,4 +1,4 @@
-"""Step 4 (DESIGN §5-7): the RL loop, readable top to bottom.
+"""Step 4 (docs/method.md §7-9): the RL loop, readable top to bottom.
 
 One step of ``RLTrainer.step``:
 
@@ -126,7 +126,7 @@ def advantages(cfg, scores, group_ids, mask, values=None):
 
 def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask) -> tuple[torch.Tensor, dict]:
     """pg - c_H * H + beta * KL, each aggregated over mask-1 tokens only (KL with a plus sign,
-    DESIGN §7). Returns (loss, statistics)."""
+    docs/method.md §9). Returns (loss, statistics)."""
     pg, stats = algos.policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.agg)
     ent = algos.agg_loss(entropy, mask, cfg.agg)
     kl = algos.agg_loss(algos.kl_penalty(logp, ref_logp, cfg.kl_kind), mask, cfg.agg)
@@ -267,7 +267,7 @@ class RLTrainer:
             questions = sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, seed=profile.seed)
             questions = [q for q in questions if not cfg.max_hops or q.get("hops", 1) <= cfg.max_hops]
         self.questions = questions
-        if cfg.validate_every > 0:  # validation always uses the real engine (DESIGN §5)
+        if cfg.validate_every > 0:  # validation always uses the real engine (docs/method.md §7)
             self.validation = validation or validation_questions(profile, cfg.validation_size, cfg.eval_size)
             self.real_engine = self.engine if cfg.engine != "simulator" else (
                 bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25"))

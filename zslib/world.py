@@ -252,7 +252,7 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
 def invented_world(cfg: WorldConfig, seed: int, taken: set[str]) -> tuple[list[dict], dict[str, dict]]:
     """1-hop questions and articles from an independent world whose subjects' names are not in
     ``taken``: facts no model has seen, so a simulator asked about them can only copy the answer
-    from its prompt (DESIGN §10)."""
+    from its prompt (docs/method.md §12)."""
     other = build_world(dataclasses.replace(cfg, seed=seed))
     articles = {e["name"]: article(e) for e in other["entities"] if e["name"] not in taken}
     questions = [q for rows in make_questions(other, cfg).values() for q in rows
