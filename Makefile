@@ -5,8 +5,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROFILE ?= tiny
 KERNEL := zerosearch
-RUN    := outputs/$(PROFILE)/notebooks
-NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 
 .PHONY: install demo test bench lab lock clean
 
@@ -20,12 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Runs every numbered notebook in order, headless; executed copies land in outputs/<profile>/notebooks/.
+# Runs every numbered notebook in order, headless (zslib/pipeline.py): executed copies land in
+# outputs/<profile>/notebooks/, a step whose inputs are unchanged is skipped, a failure names its cell.
 demo: $(STAMP)
-	mkdir -p $(RUN)
-	for nb in $(NOTEBOOKS); do \
-	  $(PY) -m papermill $$nb $(RUN)/$$(basename $$nb) -k $(KERNEL) -p profile $(PROFILE) --cwd notebooks || exit 1; \
-	done
+	$(PY) -m zslib.pipeline --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

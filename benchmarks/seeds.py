@@ -72,12 +72,14 @@ def share_simulator(source, P) -> None:
         # (a link to a base still being built would make notebook 00 build it again, into the source's folder)
         raise SystemExit(f"{P.name}: the shared simulator base {source.simulator_path} is not built yet: "
                          f"run {source.name}'s notebook 00 first")
-    for ours, theirs in ((Path(P.simulator_path), Path(source.simulator_path)), (P.simulator_dir, source.simulator_dir)):
+    log = "simulator-base.loss.jsonl"  # notebook 00 plots it
+    for ours, theirs in ((Path(P.simulator_path), Path(source.simulator_path)), (P.simulator_dir, source.simulator_dir),
+                         (P.models_dir / log, source.models_dir / log)):
         ours.parent.mkdir(parents=True, exist_ok=True)
         if not ours.is_symlink():
             if ours.exists():
                 raise SystemExit(f"{ours} exists and is not a link to {theirs}: remove it, or use --own-simulators")
-            ours.symlink_to(theirs.resolve(), target_is_directory=True)
+            ours.symlink_to(theirs.resolve(), target_is_directory=theirs.is_dir())
 
 
 def run_notebook(profile: str, overrides: dict, nb: str, kernel: str) -> None:

@@ -8,7 +8,7 @@ and how often the first search's documents already hold the final answer.
 The simulator is told the gold answer (docs/method.md §5), and notebook 02's ``contains`` judge labels
 documents useful only when they hold it (``labeling.evidence``, off by default, changes that). So for a 2-hop question's first hop, which a real engine
 answers with the bridge entity alone, the simulator tends to write the final answer in. One search
-then pays against the simulator but never against BM25, which is what RL learns from (README,
+then pays against the simulator but never against BM25, which is what RL learns from (docs/results.md,
 "What RL does to 2-hop questions"). Needs notebooks 00 and 03.
 
     .venv/bin/python benchmarks/simulator_hops.py [--profile tiny] [--questions 128]

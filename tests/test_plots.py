@@ -16,13 +16,14 @@ def _metrics(with_validation: bool) -> list[dict]:
 
 def test_rl_curves_smooth_per_step_keys_draw_validation_raw_and_drop_empty_panels():
     fig = plots.rl_curves({"grpo": _metrics(True)}, smooth=3)
-    assert [ax.get_title() for ax in fig.axes] == ["reward_mean, em, f1", "val_em", "searches_per_answer", "kl, entropy"]
+    assert [ax.get_title() for ax in fig.axes] == list(plots.RL_PANELS.values())
+    assert fig.axes[1].get_title() == "validation EM (greedy, real engine)"
     validation = fig.axes[1].lines[0]
     assert list(validation.get_xdata()) == [5, 10] and list(validation.get_ydata()) == [0.5, 1.0]
     # trailing mean over 3 of 1, 2, 3, 4: 1, 1.5, 2, 3
     assert list(fig.axes[0].lines[0].get_ydata()[:4]) == [1.0, 1.5, 2.0, 3.0]
     without = plots.rl_curves({"grpo": _metrics(False)})
-    assert "val_em" not in [ax.get_title() for ax in without.axes]
+    assert len(without.axes) == 3 and "validation EM (greedy, real engine)" not in [ax.get_title() for ax in without.axes]
 
 
 def test_collapse_signs_draw_one_titled_panel_per_sign():
@@ -32,3 +33,30 @@ def test_collapse_signs_draw_one_titled_panel_per_sign():
     assert [ax.get_title() for ax in fig.axes] == list(plots.COLLAPSE_PANELS.values())
     # trailing mean over 2 of 0.1, 0.2, 0.3: 0.1, 0.15, 0.25
     assert [round(v, 6) for v in fig.axes[0].lines[0].get_ydata()[:3]] == [0.1, 0.15, 0.25]
+
+
+def test_every_figure_is_saved_as_a_png_named_by_notebook_and_plot(tmp_path):
+    plots.save_to(tmp_path, "04")
+    try:
+        plots.rl_curves({"grpo": _metrics(True)})
+        plots.rl_curves({"grpo": _metrics(False)})
+        plots.collapse_signs({"grpo": _metrics(False)})
+    finally:
+        plots.save_to(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["04_collapse_signs.png", "04_rl_curves.png", "04_rl_curves_2.png"]
+    assert (tmp_path / "04_rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots.rl_curves({"grpo": _metrics(True)})  # saving stopped: nothing new
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_results_bars_draw_each_methods_interval():
+    rows = [{"method": m, "dataset": d, "engine": "bm25", "em": em, "em_ci": [em - 0.1, em + 0.05]}
+            for m, em in (("base", 0.5), ("rl", 0.7)) for d in ("1-hop", "2-hop")]
+    fig = plots.results_bars(rows)
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [0.5, 0.5, 0.7, 0.7]
+    # error bars: one LineCollection per method, segments from em - 0.1 to em + 0.05
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    spans = sorted((round(s[0][1], 6), round(s[1][1], 6)) for s in segments)
+    assert spans == [(0.4, 0.55), (0.4, 0.55), (0.6, 0.75), (0.6, 0.75)]

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .reward import exact_match, f1_score
 from .rollout import Trajectory, rollout

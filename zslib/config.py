@@ -115,7 +115,7 @@ class LabelingConfig:
     threshold: float = 0.5
     judge: str = "none"           # none (v1) | contains (answer string in the documents) | llm (v2)
     judge_model: str | None = None
-    evidence: bool = False        # contains: a dataset's supporting documents count as useful too (see README)
+    evidence: bool = False        # contains: a dataset's supporting documents count as useful too (see docs/results.md)
     balance: bool = True          # as many useful as noisy pairs
     paired: bool = True           # add each query's other label from the real engine (docs/method.md §6)
     invented: int = 0             # extra paired examples about invented entities (tiny profile)
@@ -371,3 +371,19 @@ def load_profile(profile: str | Path = "tiny", overrides: dict | None = None) ->
 
 def to_dict(profile: Profile) -> dict:
     return dataclasses.asdict(profile)
+
+
+def describe(profile: Profile, *sections: str, width: int = 108) -> str:
+    """A short summary for a notebook's first cell: the profile, then per section only the values
+    that differ from the defaults in this file (the rest are as documented here)."""
+    import textwrap
+
+    lines = [f"profile {profile.name!r} (seed {profile.seed}); settings that differ from zslib/config.py's defaults:"]
+    for name in sections:
+        section = getattr(profile, name)
+        default = type(section)()
+        changed = [f"{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section)
+                   if getattr(section, f.name) != getattr(default, f.name)]
+        lines += textwrap.wrap(f"{name}: " + (", ".join(changed) or "all defaults"), width,
+                               subsequent_indent="    ")
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
 from .reward import cover_exact_match, exact_match, extract_answer, f1_score, valid_format
@@ -57,7 +57,7 @@ def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temper
                     desc: str = "evaluate") -> tuple[dict, list]:
     """Roll out every row in batches of ``cfg.batch_size``; returns (scores, trajectories)."""
     trajs = []
-    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc):
+    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, leave=False):  # often nested (validation)
         trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
     return score_trajectories(trajs), trajs
 
@@ -284,3 +284,62 @@ def write_results(out_dir: str | Path, rows: list[dict], preds: list[dict]) -> d
         tmp.replace(paths[key])
     write_jsonl(paths["predictions"], preds)
     return paths
+
+
+def cost_summary(profile, runs: dict[str, list[dict]], trajectories: list[dict], api_price_per_1000: float,
+                 gpu_price_per_hour: float) -> dict:
+    """What the run's searches cost: real-engine calls made by collection (``trajectories``) and by
+    validation (every run's ``val_searches_per_question`` × ``rl.validation_size``), the calls RL made
+    to the simulator instead (all runs trained against it), and those calls priced both ways: through a
+    paid API at ``api_price_per_1000``, and as the simulator's own seconds at ``gpu_price_per_hour``
+    (on this machine the seconds are CPU seconds: the price is then what the same work would be billed
+    on a GPU-hour, an upper bound for a tiny model)."""
+    val_calls = sim_calls = sim_tokens = 0
+    sim_seconds = 0.0
+    for metrics in runs.values():
+        for m in metrics:
+            if m.get("val_searches_per_question") is not None:
+                val_calls += round(m["val_searches_per_question"] * profile.rl.validation_size)
+            if "simulator_seconds" in m and m.get("simulator_seconds", 0) > 0:
+                calls = m.get("search_calls", round(m["searches_per_answer"] * profile.rl.questions_per_step
+                                                    * profile.rl.group_size))
+                sim_calls += calls
+                sim_tokens += m.get("simulator_tokens", 0)
+                sim_seconds += m["simulator_seconds"]
+    return {"collection_calls": sum(len(r.get("calls", [])) for r in trajectories), "validation_calls": val_calls,
+            "rl_simulator_calls": sim_calls, "rl_simulator_tokens": sim_tokens, "rl_simulator_seconds": sim_seconds,
+            "api_price_per_1000": api_price_per_1000, "gpu_price_per_hour": gpu_price_per_hour,
+            "rl_api_dollars": sim_calls / 1000 * api_price_per_1000,
+            "rl_simulator_dollars": sim_seconds / 3600 * gpu_price_per_hour}
+
+
+def compare(rows: list[dict], method: str, against: list[str], dataset: str, engine: str) -> list[str]:
+    """Sentences on how ``method`` compares with each of ``against`` on one dataset, from the rows:
+    ahead, behind, or within each other's 95% intervals."""
+    by = {(r["method"], r["dataset"], r["engine"]): r for r in rows}
+    me = by.get((method, dataset, engine))
+    if me is None:
+        return [f"{method} was not evaluated on {dataset} with {engine}."]
+    out = []
+    for other in against:
+        r = by.get((other, dataset, engine))
+        if r is None:
+            continue
+        gap = 100 * (me["em"] - r["em"])
+        overlap = me["em_ci"][0] <= r["em_ci"][1] and r["em_ci"][0] <= me["em_ci"][1]
+        verdict = ("ahead" if gap > 0 else "behind") + (", but the intervals overlap" if overlap else ", intervals apart")
+        out.append(f"{method} {100 * me['em']:.1f} EM against {other} {100 * r['em']:.1f} on {dataset} "
+                   f"({gap:+.1f} points): {verdict}.")
+    return out
+
+
+def side_by_side(preds: list[dict], trained: list[str], dataset: str, engine: str, n: int) -> list[dict]:
+    """Up to ``n`` questions of ``dataset`` that the first trained method answers right and ``base``
+    does not (the rows to run again for notebook 05's side-by-side view)."""
+    if not trained:
+        return []
+    right = {(p["method"], p["id"]): exact_match(p["prediction"], p["golden_answers"]) for p in preds
+             if p["dataset"] == dataset and p["engine"] == engine}
+    rows = [p for p in preds if p["method"] == trained[0] and p["dataset"] == dataset and p["engine"] == engine]
+    picked = [p for p in rows if right.get((trained[0], p["id"])) and not right.get(("base", p["id"]))]
+    return [{"id": p["id"], "question": p["question"], "golden_answers": p["golden_answers"]} for p in picked[:n]]

@@ -62,7 +62,7 @@ def holds_evidence(docs: list[Doc], answers: list[str], titles: set[str] = froze
 def judge_contains(pairs: list[dict], evidence: dict[str, set[str]] | None = None) -> list[bool]:
     """Useful when the documents state the answer or, with ``evidence`` (``supporting_titles``),
     hold a supporting document: a 2-hop question's first search finds the bridge entity, not the
-    answer (option ``labeling.evidence``; on the tiny world it did not help, see the README)."""
+    answer (option ``labeling.evidence``; on the tiny world it did not help, see docs/results.md)."""
     evidence = evidence or {}
     return [holds_evidence(_docs(p), p["golden_answers"], evidence.get(p["question"], set())) for p in pairs]
 

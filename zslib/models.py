@@ -5,14 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str | None = None):
-    """``(model, tokenizer)`` through the Auto classes, left padding, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path_or_id: str):
+    """A model's tokenizer, padding on the left (for batched generation), with a pad token."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str | None = None):
+    """``(model, tokenizer)`` through the Auto classes, left padding, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path_or_id)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

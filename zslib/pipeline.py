@@ -86,13 +86,24 @@ def is_current(out: Path, step: Step, key: str) -> bool:
     return stamp.exists() and executed.exists() and json.loads(stamp.read_text()).get("key") == key
 
 
+def _source_cell(executed: Path, index: int) -> int:
+    """The failing cell's number in the notebook as written, counting from 1: papermill's index
+    counts the cell of injected parameters it adds to the executed copy."""
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+        injected = [i for i, c in enumerate(cells) if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+    except (OSError, ValueError, KeyError):
+        injected = []
+    return index + 1 - sum(i < index for i in injected)
+
+
 def _failure(step: Step, executed: Path, error) -> StepFailed:
-    """A message naming the notebook, the cell (index and first lines) and the error."""
+    """A message naming the notebook, the cell (its number, In [n], first lines) and the error."""
     index = getattr(error, "cell_index", None)
     source = (getattr(error, "source", "") or "").strip().splitlines()
-    where = f"cell {index}" if index is not None else "a cell"
+    where = f"cell {_source_cell(executed, index)}" if index is not None else "a cell"
     if getattr(error, "exec_count", None) is not None:
-        where += f" (In [{error.exec_count}])"
+        where += f" (In [{error.exec_count}] in the executed copy)"
     lines = [f"notebook {step.name} failed at {where}: {getattr(error, 'ename', type(error).__name__)}: "
              f"{getattr(error, 'evalue', error)}"]
     if source:
@@ -110,7 +121,8 @@ def run_step(step: Step, profile: str, overrides: dict, out: Path, kernel: str, 
     start = time.time()
     try:
         papermill.execute_notebook(str(step.path), str(executed), parameters={"profile": profile, "overrides": overrides},
-                                   kernel_name=kernel, cwd=str(step.path.parent), progress_bar=progress)
+                                   kernel_name=kernel, cwd=str(step.path.parent), progress_bar=progress,
+                                   coalesce_streams=True)  # a progress bar's updates leave one line
     except Exception as e:  # papermill's PapermillExecutionError carries the cell; anything else is named as it is
         raise _failure(step, executed, e) from None
     return time.time() - start

@@ -1,13 +1,39 @@
-"""Matplotlib figures the notebooks show; each reads plain dicts or JSONL logs."""
+"""Matplotlib figures the notebooks show; each reads plain dicts or JSONL logs.
+
+``save_to(folder, prefix)`` (each notebook calls it once) makes every figure drawn afterwards also
+a PNG, ``<folder>/<prefix>_<plot>.png``: ``outputs/<profile>/figures/00_loss_curves.png`` and so on.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+_SINK: dict = {}
 
-def loss_curves(logs: dict[str, list[dict]], smooth: int = 20):
+
+def save_to(folder: str | Path | None, prefix: str = "") -> None:
+    """Save every figure drawn from now on as ``<folder>/<prefix>_<plot>.png`` (None: stop saving)."""
+    _SINK.clear()
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        _SINK.update(folder=Path(folder), prefix=prefix, used=Counter())
+
+
+def _done(fig, name: str):
+    """Lay out, save when a folder is set (a second figure of the same plot gets ``_2``), return it."""
+    fig.tight_layout()
+    if _SINK:
+        _SINK["used"][name] += 1
+        n = _SINK["used"][name]
+        stem = f"{_SINK['prefix']}_{name}" if _SINK["prefix"] else name
+        fig.savefig(_SINK["folder"] / f"{stem}{'' if n == 1 else f'_{n}'}.png", dpi=110, bbox_inches="tight")
+    return fig
+
+
+def loss_curves(logs: dict[str, list[dict]], smooth: int = 20, title: str | None = None):
     """Pretraining loss per step (moving average over ``smooth`` steps), one line per model;
     dotted lines mark where a phase begins."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -18,13 +44,13 @@ def loss_curves(logs: dict[str, list[dict]], smooth: int = 20):
         starts = [r["step"] for prev, r in zip(rows, rows[1:]) if r.get("phase") != prev.get("phase")]
         for x in starts:  # where a new pretraining phase begins (e.g. after the copy warm-up)
             ax.axvline(x, color=line.get_color(), linestyle=":", alpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats per token, log scale)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.set_title(title or "Training loss (dotted: a new phase begins)", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _done(fig, "loss_curves")
 
 
 def question_stats(splits: dict[str, list[dict]]):
@@ -37,22 +63,27 @@ def question_stats(splits: dict[str, list[dict]]):
         ax.bar(list(splits), counts, bottom=bottom, label=kind, color=plt.cm.tab20(i % 20))
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_ylabel("questions")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
-    return fig
+    ax.set_title("Questions per split, by relation (1-hop) and 2-hop", fontsize=10)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not on them
+    return _done(fig, "question_stats")
 
 
-def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first_action")):
-    """Grouped bars: one group per setting, one bar per metric (fractions in 0..1)."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first_action"), title: str = "Scores"):
+    """Grouped bars: one group per setting, one bar per metric (fractions in 0..1), each bar labelled
+    with its value (so a zero bar reads as 0, not as missing)."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
-        ax.bar([i + j * width for i in range(len(results))], [r[m] for r in results.values()], width, label=m)
+        xs = [i + j * width for i in range(len(results))]
+        values = [r[m] for r in results.values()]
+        bars = ax.bar(xs, values, width, label=m.replace("_", " "))
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=6, padding=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], list(results), fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("share (0-1)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _done(fig, "score_bars")
 
 
 def collection_summary(records: list[dict]):
@@ -67,9 +98,9 @@ def collection_summary(records: list[dict]):
     ax.set_xlabel("searches in the trajectory")
     ax.set_ylabel("trajectories")
     ax.set_xticks(searches)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    ax.set_title("Collected trajectories by number of searches", fontsize=10)
+    ax.legend(fontsize=8)
+    return _done(fig, "collection_summary")
 
 
 def label_stats(stats: dict):
@@ -77,11 +108,12 @@ def label_stats(stats: dict):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     items = stats["by_source"]
     colors = ["tab:green" if key.endswith("/useful") else "tab:red" for key in items]
-    ax.barh(list(items), list(items.values()), color=colors)
-    ax.set_xlabel("pairs")
+    bars = ax.barh(list(items), list(items.values()), color=colors)
+    ax.bar_label(bars, fontsize=7, padding=2)
+    ax.set_xlabel("(query, documents) pairs")
+    ax.set_title("SFT pairs by source (green: useful, red: noisy)", fontsize=10)
     ax.invert_yaxis()
-    fig.tight_layout()
-    return fig
+    return _done(fig, "label_stats")
 
 
 def _moving_average(values: list[float], window: int, centered: bool = False) -> list[float]:
@@ -92,7 +124,7 @@ def _moving_average(values: list[float], window: int, centered: bool = False) ->
             for i in range(len(values))]
 
 
-def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
+def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10, title: str | None = None):
     """The curriculum's noise probability per step (``scheduled(step)`` over the whole run) with
     the realised share of noisy search calls on top (moving average over ``smooth`` steps)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -104,38 +136,50 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10):
     ax.plot(steps_run, _moving_average(shares, smooth, centered=True),
             label=f"realised, centred {smooth}-step mean", color="tab:red")
     ax.set_xlabel("RL step")
-    ax.set_ylabel("share of noisy calls")
-    ax.legend()
+    ax.set_ylabel("share of noisy search calls")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "Noise curriculum: planned probability and realised share", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _done(fig, "noise_schedule")
 
 
-def rl_curves(runs: dict[str, list[dict]], panels=(("reward_mean", "em", "f1"), ("val_em",), ("searches_per_answer",),
-                                                   ("kl", "entropy")), smooth: int = 10, titles: dict | None = None):
+RL_PANELS = {("reward_mean", "em", "f1"): "training reward, EM and F1 (per step)",
+             ("val_em",): "validation EM (greedy, real engine)",
+             ("searches_per_answer",): "searches per rollout",
+             ("kl", "entropy"): "KL to the reference and entropy (nats)"}
+KEY_NAMES = {"reward_mean": "reward", "em": "EM", "f1": "F1", "val_em": "validation EM", "kl": "KL",
+             "entropy": "entropy", "searches_per_answer": "searches", "invalid_action_rate": "invalid actions",
+             "response_tokens": "tokens", "equal_reward_groups": "equal groups"}
+
+
+def rl_curves(runs: dict[str, list[dict]], panels=tuple(RL_PANELS), smooth: int = 10, titles: dict | None = None,
+              name: str = "rl_curves"):
     """One panel per group of metric keys, one line per (run, key): moving averages over steps for
     keys logged every step, raw points for keys logged every few steps (validation). Panels whose
-    keys no run logged are left out. ``titles`` maps a panel's keys (a tuple) to its title; the
-    default title is the keys."""
+    keys no run logged are left out. ``titles`` maps a panel's keys (a tuple) to its title (default:
+    ``RL_PANELS``'s, else the keys)."""
+    titles = {**RL_PANELS, **(titles or {})}
     panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     for ax, keys in zip(axes[0], panels):
-        for name, metrics in runs.items():
+        for run, metrics in runs.items():
             for key in keys:
-                logged = [m for m in metrics if key in m]
+                logged = [m for m in metrics if key in m and m[key] is not None]
                 if not logged:
                     continue
-                label = key if len(runs) == 1 else f"{name}: {key}"
+                label = KEY_NAMES.get(key, key) if len(runs) == 1 else f"{run}: {KEY_NAMES.get(key, key)}"
                 values = [m[key] for m in logged]
                 every_step = len(logged) == len(metrics)
                 ax.plot([m["step"] for m in logged], _moving_average(values, smooth) if every_step else values,
-                        label=label, marker=None if every_step else "o")
+                        label=label, marker=None if every_step else "o", markersize=3)
         ax.set_xlabel("RL step")
-        ax.set_title((titles or {}).get(tuple(keys), ", ".join(keys)), fontsize=9)
+        ax.set_ylabel(", ".join(KEY_NAMES.get(k, k) for k in keys) + (f" ({smooth}-step mean)" if smooth > 1 else ""),
+                      fontsize=8)
+        ax.set_title(titles.get(tuple(keys), ", ".join(keys)), fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _done(fig, name)
 
 
 COLLAPSE_PANELS = {("entropy",): "entropy (nats per policy token)", ("kl",): "KL to the reference",
@@ -146,7 +190,7 @@ COLLAPSE_PANELS = {("entropy",): "entropy (nats per policy token)", ("kl",): "KL
 def collapse_signs(runs: dict[str, list[dict]], smooth: int = 5):
     """The signs of a collapsing RL run, one panel each: entropy, KL, invalid-action rate, response
     length and the share of groups whose rollouts all scored the same (no GRPO signal)."""
-    return rl_curves(runs, panels=tuple(COLLAPSE_PANELS), smooth=smooth, titles=COLLAPSE_PANELS)
+    return rl_curves(runs, panels=tuple(COLLAPSE_PANELS), smooth=smooth, titles=COLLAPSE_PANELS, name="collapse_signs")
 
 
 def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) -> str:
@@ -183,5 +227,52 @@ def decision_margins(by_relation: dict[str, dict]):
     ax.set_title("Policy base, first decision per relation: mean (bar) and smallest (line); orange: memory relations",
                  fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _done(fig, "decision_margins")
+
+
+def results_bars(rows: list[dict], engine: str | None = None, metric: str = "em"):
+    """Notebook 05: one group per dataset, one bar per method, with the 95% bootstrap interval of EM
+    as error bars and each bar's value written on it (rows of ``evaluate.evaluate_all``)."""
+    engine = engine or rows[0]["engine"]
+    rows = [r for r in rows if r["engine"] == engine]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["dataset"]): r for r in rows}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 + 0.5 * len(methods) * len(datasets)), 3.8))
+    for j, method in enumerate(methods):
+        found = [(i, by[(method, d)]) for i, d in enumerate(datasets) if (method, d) in by]
+        xs = [i + j * width for i, _ in found]
+        values = [r[metric] for _, r in found]
+        errors = ([[r[metric] - r["em_ci"][0] for _, r in found], [r["em_ci"][1] - r[metric] for _, r in found]]
+                  if metric == "em" else None)
+        bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=method, color=plt.cm.tab10(j % 10))
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=7, padding=2, label_type="edge")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], datasets)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"{metric.upper()} (share of questions)")
+    ax.set_title(f"Greedy {metric.upper()} by dataset and method, engine {engine}"
+                 + (" (bars: 95% bootstrap interval)" if metric == "em" else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
+    return _done(fig, "results_bars")
+
+
+def cost_panel(cost: dict):
+    """Notebook 05: what RL's searches would have cost through a paid API against what simulating
+    them cost (``evaluate.cost_summary``), and every real-engine call the run made."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    calls = {"collection\n(real engine)": cost["collection_calls"], "validation\n(real engine)": cost["validation_calls"],
+             "RL\n(simulator)": cost["rl_simulator_calls"]}
+    bars = left.bar(list(calls), list(calls.values()), color=["tab:gray", "tab:gray", "tab:blue"])
+    left.bar_label(bars, [f"{v:,}" for v in calls.values()], fontsize=8, padding=2)
+    left.set_ylabel("search calls")
+    left.set_title("Search calls made by the run", fontsize=10)
+    dollars = {f"RL's calls via an API\n(${cost['api_price_per_1000']:g} / 1,000)": cost["rl_api_dollars"],
+               f"simulating them\n(${cost['gpu_price_per_hour']:g} / GPU-hour)": cost["rl_simulator_dollars"]}
+    bars = right.bar(list(dollars), list(dollars.values()), color=["tab:red", "tab:blue"])
+    right.bar_label(bars, [f"${v:,.4f}" if v < 1 else f"${v:,.2f}" for v in dollars.values()], fontsize=8, padding=2)
+    right.set_ylabel("US dollars")
+    right.set_title(f"RL's searches: paid API against the simulator ({cost['rl_simulator_seconds']:.0f} s, "
+                    f"{cost['rl_simulator_tokens']:,} tokens)", fontsize=9)
+    return _done(fig, "cost_panel")

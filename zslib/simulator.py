@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .curriculum import draw_noisy
 from .prompts import render_simulator_prompt, simulator_user_message

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .config import ConfigError
 from .prompts import TAGS, information_block, render_policy_prompt

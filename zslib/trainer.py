@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import algos
 from .curriculum import noise_probability
@@ -315,6 +315,8 @@ class RLTrainer:
         else:
             inner = engine_search_fn(self.engine, self.topk)
 
+        tokens_before = getattr(self.engine, "generated_tokens", 0)
+
         def search_fn(queries, trajs):
             t0 = time.time()
             out = inner(queries, trajs)
@@ -383,6 +385,8 @@ class RLTrainer:
             "em": sum(exact_match(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / len(trajs),
             "searches_per_answer": len(calls) / len(trajs),
+            "search_calls": len(calls),  # served by the simulator, or by the real engine with rl.engine bm25
+            "simulator_tokens": getattr(self.engine, "generated_tokens", 0) - tokens_before,
             # Does the policy search again when its first results were noisy? (None: no such rollout)
             "searched_again_after_noisy": _share([len(t.calls) > 1 for t in trajs if t.calls and t.calls[0]["noisy"]]),
             "invalid_action_rate": sum(t.invalid_actions for t in trajs) / max(1, sum(len(t.turns) for t in trajs)),
