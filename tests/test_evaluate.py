@@ -181,3 +181,16 @@ def test_rag_puts_the_questions_documents_before_the_first_turn(tokenizer, bm25,
     assert turns == 0 and "without searching" in prompts[0] and rows[0]["question"] in prompts[0]
     with pytest.raises(ValueError, match="style must be"):
         evaluate.Method("x", None, tokenizer, "oracle")
+
+
+def test_compare_says_ahead_behind_or_level_and_whether_the_intervals_overlap():
+    from zslib.evaluate import compare
+
+    row = lambda m, em, lo, hi: {"method": m, "dataset": "d", "engine": "e", "em": em, "em_ci": [lo, hi]}  # noqa: E731
+    rows = [row("rl", 0.70, 0.65, 0.75), row("base", 0.52, 0.46, 0.58), row("rag", 0.68, 0.62, 0.74),
+            row("direct", 0.70, 0.64, 0.76)]
+    lines = compare(rows, "rl", ["base", "rag", "direct", "missing"], "d", "e")
+    assert lines == ["rl 70.0 EM against base 52.0 on d (+18.0 points): ahead, intervals apart.",
+                     "rl 70.0 EM against rag 68.0 on d (+2.0 points): ahead, but the intervals overlap.",
+                     "rl 70.0 EM against direct 70.0 on d (+0.0 points): level, and the intervals overlap."]
+    assert compare(rows, "ppo", ["base"], "d", "e") == ["ppo was not evaluated on d with e."]

@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .progress import tqdm
 
+from .progress import tqdm
 from .reward import exact_match, f1_score
 from .rollout import Trajectory, rollout
 

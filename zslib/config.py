@@ -96,6 +96,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64
+    backend: str = "hf"           # hf | vllm: the generation backend every step uses (zslib/backends.py)
+
+    def __post_init__(self):
+        if self.backend not in ("hf", "vllm"):
+            raise ConfigError(f"rollout.backend must be hf or vllm, not {self.backend!r}")
 
 
 @dataclass

@@ -10,11 +10,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends import backend_for
 from .progress import tqdm
-
 from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
-from .reward import cover_exact_match, exact_match, extract_answer, f1_score, valid_format
-from .rollout import HFBackend, Trajectory, engine_search_fn, rollout
+from .reward import cover_exact_match, exact_match, f1_score, valid_format
+from .rollout import Trajectory, engine_search_fn, rollout
 from .search import NullEngine
 
 
@@ -89,7 +89,7 @@ def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc
     """A policy's greedy scores with a real engine (validation never uses the simulator, docs/method.md §7)."""
     was_training = model.training
     model.eval()
-    scores, _ = evaluate_policy(HFBackend(model, tokenizer), tokenizer, rows,
+    scores, _ = evaluate_policy(backend_for(profile, model, tokenizer), tokenizer, rows,
                                 engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc)
     model.train(was_training)
     return scores
@@ -184,7 +184,7 @@ def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str =
     cfg = profile.rollout
     was_training = getattr(method.model, "training", False)
     method.model.eval()
-    backend = HFBackend(method.model, method.tokenizer)
+    backend = backend_for(profile, method.model, method.tokenizer)
     trajs = []
     for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, leave=False):
         chunk = rows[i:i + cfg.batch_size]
@@ -327,7 +327,9 @@ def compare(rows: list[dict], method: str, against: list[str], dataset: str, eng
             continue
         gap = 100 * (me["em"] - r["em"])
         overlap = me["em_ci"][0] <= r["em_ci"][1] and r["em_ci"][0] <= me["em_ci"][1]
-        verdict = ("ahead" if gap > 0 else "behind") + (", but the intervals overlap" if overlap else ", intervals apart")
+        verdict = ("level" if gap == 0 else "ahead" if gap > 0 else "behind") + (
+            ", and the intervals overlap" if overlap and gap == 0 else ", but the intervals overlap" if overlap
+            else ", intervals apart")
         out.append(f"{method} {100 * me['em']:.1f} EM against {other} {100 * r['em']:.1f} on {dataset} "
                    f"({gap:+.1f} points): {verdict}.")
     return out

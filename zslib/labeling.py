@@ -268,10 +268,10 @@ def heldout_triples(rows: list[dict], n: int, seed: int, exclude: set[str] = fro
 def llm_judge(profile):
     """The ``llm`` judge's (backend, tokenizer): ``labeling.judge_model``, or the simulator base."""
     from .models import load_causal_lm  # here, not at the top: torch and transformers load only for the llm judge
-    from .rollout import HFBackend
+    from .backends import backend_for
 
     model, tokenizer = load_causal_lm(profile.labeling.judge_model or profile.simulator_path, profile.models.dtype)
-    return HFBackend(model, tokenizer, ["\n"]), tokenizer
+    return backend_for(profile, model, tokenizer, ["\n"]), tokenizer
 
 
 def build_pairs(profile, records: list[dict], engine, judge=None) -> tuple[list[dict], dict]:

@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def quiet_loading() -> None:
+    """transformers draws a "Loading weights" bar for every model it loads (five in notebook 04), noise
+    in a saved notebook: its own bars go, the hub's download bars (GPU profiles) stay."""
+    import huggingface_hub.utils
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
+
+
 def load_tokenizer(path_or_id: str):
     """A model's tokenizer, padding on the left (for batched generation), with a pad token."""
     from transformers import AutoTokenizer
@@ -20,6 +30,7 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str | None =
     """``(model, tokenizer)`` through the Auto classes, left padding, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    quiet_loading()
     tokenizer = load_tokenizer(path_or_id)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

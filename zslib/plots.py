@@ -163,6 +163,7 @@ def rl_curves(runs: dict[str, list[dict]], panels=tuple(RL_PANELS), smooth: int 
     panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
     for ax, keys in zip(axes[0], panels):
+        smoothed = False
         for run, metrics in runs.items():
             for key in keys:
                 logged = [m for m in metrics if key in m and m[key] is not None]
@@ -171,10 +172,11 @@ def rl_curves(runs: dict[str, list[dict]], panels=tuple(RL_PANELS), smooth: int 
                 label = KEY_NAMES.get(key, key) if len(runs) == 1 else f"{run}: {KEY_NAMES.get(key, key)}"
                 values = [m[key] for m in logged]
                 every_step = len(logged) == len(metrics)
+                smoothed |= every_step and smooth > 1
                 ax.plot([m["step"] for m in logged], _moving_average(values, smooth) if every_step else values,
                         label=label, marker=None if every_step else "o", markersize=3)
         ax.set_xlabel("RL step")
-        ax.set_ylabel(", ".join(KEY_NAMES.get(k, k) for k in keys) + (f" ({smooth}-step mean)" if smooth > 1 else ""),
+        ax.set_ylabel(", ".join(KEY_NAMES.get(k, k) for k in keys) + (f" ({smooth}-step mean)" if smoothed else ""),
                       fontsize=8)
         ax.set_title(titles.get(tuple(keys), ", ".join(keys)), fontsize=9)
         ax.legend(fontsize=7)
@@ -266,12 +268,14 @@ def cost_panel(cost: dict):
              "RL\n(simulator)": cost["rl_simulator_calls"]}
     bars = left.bar(list(calls), list(calls.values()), color=["tab:gray", "tab:gray", "tab:blue"])
     left.bar_label(bars, [f"{v:,}" for v in calls.values()], fontsize=8, padding=2)
+    left.set_ylim(0, 1.15 * max(1, *calls.values()))
     left.set_ylabel("search calls")
     left.set_title("Search calls made by the run", fontsize=10)
     dollars = {f"RL's calls via an API\n(${cost['api_price_per_1000']:g} / 1,000)": cost["rl_api_dollars"],
                f"simulating them\n(${cost['gpu_price_per_hour']:g} / GPU-hour)": cost["rl_simulator_dollars"]}
     bars = right.bar(list(dollars), list(dollars.values()), color=["tab:red", "tab:blue"])
     right.bar_label(bars, [f"${v:,.4f}" if v < 1 else f"${v:,.2f}" for v in dollars.values()], fontsize=8, padding=2)
+    right.set_ylim(0, 1.15 * max(0.01, *dollars.values()))
     right.set_ylabel("US dollars")
     right.set_title(f"RL's searches: paid API against the simulator ({cost['rl_simulator_seconds']:.0f} s, "
                     f"{cost['rl_simulator_tokens']:,} tokens)", fontsize=9)

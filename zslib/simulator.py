@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-from .progress import tqdm
 
 from .curriculum import draw_noisy
+from .models import quiet_loading
+from .progress import tqdm
 from .prompts import render_simulator_prompt, simulator_user_message
 from .reward import normalize_answer
-from .rollout import HFBackend
 from .search import Doc
 
 # "Doc 3(Title: X) text" up to the next "Doc n(" or the end. Lenient about spaces and quotes;
@@ -50,20 +50,23 @@ class SimulatedEngine:
     ``generated_tokens`` and ``calls`` count the cost (what a real API would have billed).
     """
 
-    def __init__(self, model, tokenizer, cfg, variant: str | None = None):
+    def __init__(self, model, tokenizer, cfg, variant: str | None = None, backend: str = "hf"):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.variant = variant or cfg.prompt
-        self._backends: dict[int, HFBackend] = {}
+        self.backend_kind = backend  # rollout.backend of the profile (zslib/backends.py)
+        self._backends: dict = {}
         self.calls = 0
 
     @property
     def generated_tokens(self) -> int:
         return sum(b.generated_tokens for b in self._backends.values())
 
-    def _backend(self, k: int) -> HFBackend:
+    def _backend(self, k: int):
         # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
         if k not in self._backends:
-            self._backends[k] = HFBackend(self.model, self.tokenizer, stop_strings=[f"Doc {k + 1}("], reuse_cache=False)
+            from .backends import make_backend
+            self._backends[k] = make_backend(self.backend_kind, self.model, self.tokenizer, [f"Doc {k + 1}("],
+                                             reuse_cache=False)
         return self._backends[k]
 
     def prompts(self, queries, topk, noisy, questions, answers) -> list[str]:
@@ -97,6 +100,14 @@ class SimulatedEngine:
         return [parse_docs(text, topk)[0] for text in raw]
 
 
+def engine_for(profile, finetuned: bool = True, variant: str | None = None, loaded=None, device: str | None = None):
+    """The profile's simulator as a search engine, the one way to build one: the fine-tuned simulator
+    (or the base, ``finetuned=False``) on the profile's generation backend. ``loaded``: a
+    ``(model, tokenizer)`` already in memory."""
+    model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
+    return SimulatedEngine(model, tokenizer, profile.simulator, variant=variant, backend=profile.rollout.backend)
+
+
 def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):
     """The rollout hook for RL: one independent noisy draw per search call (docs/method.md §7)."""
     def search_fn(queries, trajs):
@@ -125,6 +136,7 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     out_dir = Path(out_dir or profile.simulator_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available()
+    quiet_loading()
     tokenizer = AutoTokenizer.from_pretrained(profile.simulator_path)
     model = AutoModelForCausalLM.from_pretrained(
         profile.simulator_path, dtype=torch.float32)  # master weights; bf16 comes from autocast
@@ -162,6 +174,7 @@ def load_simulator(profile, finetuned: bool = True, device: str | None = None, p
         source = profile.simulator_path  # a local folder or a hub id
     elif not any((source / f).exists() for f in ("adapter_config.json", "config.json")):
         raise FileNotFoundError(f"no fine-tuned simulator in {source}: run notebook 03 first")
+    quiet_loading()
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     tokenizer.padding_side = "left"
     if finetuned and (source / "adapter_config.json").exists():

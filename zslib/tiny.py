@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from .progress import tqdm
 
 from .config import ConfigError
+from .progress import tqdm
 from .prompts import TAGS, information_block, render_policy_prompt
 from .search import Doc, SearchEngine
 from .world import RELATION_KEYWORDS, RELATION_TOPICS, RELATIONS, TITLE_WORDS, Namer, invented_world
@@ -324,12 +324,13 @@ def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = N
     - ``figures``: the bars' inputs (names as in ``checks.FIGURES["base"]``).
     """
     from .evaluate import evaluate_policy, heldout_questions
-    from .rollout import HFBackend, engine_search_fn
+    from .backends import backend_for
+    from .rollout import engine_search_fn
     from .reward import exact_match
     from .search import NullEngine
 
     rows = rows if rows is not None else heldout_questions(profile)
-    backend = HFBackend(model, tokenizer)
+    backend = backend_for(profile, model, tokenizer)
     settings, greedy = {}, None
     for name, eng in (("bm25", engine), ("no search", NullEngine())):
         for temperature in (0.0, 1.0):

@@ -30,16 +30,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from .progress import tqdm
 
 from . import algos
+from .backends import backend_for
 from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, validation_questions
+from .models import quiet_loading
 from .reward import exact_match, extract_answer, f1_score, format_reward
-from .rollout import HFBackend, engine_search_fn, rollout
+from .progress import tqdm
+from .rollout import engine_search_fn, rollout
 from .search import make_engine
-from .simulator import SimulatedEngine, load_simulator, simulator_search_fn
+from .simulator import engine_for, simulator_search_fn
 
 ALGORITHMS = ("grpo", "ppo", "reinforce_pp", "reinforce_pp_baseline")
 REWARDS = ("f1", "em", "format")
@@ -230,6 +232,7 @@ class RLTrainer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, profile.models.dtype) if self.device == "cuda" else torch.float32
 
+        quiet_loading()
         self.tokenizer = AutoTokenizer.from_pretrained(profile.policy_path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -255,10 +258,9 @@ class RLTrainer:
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(self.critic_optimizer, self._warmup)
 
-        self.backend = HFBackend(self.policy, self.tokenizer)
+        self.backend = backend_for(profile, self.policy, self.tokenizer)
         if cfg.engine == "simulator":
-            sim_model, sim_tok = simulator or load_simulator(profile, device=self.device)
-            self.engine = SimulatedEngine(sim_model, sim_tok, profile.simulator)
+            self.engine = engine_for(profile, loaded=simulator, device=self.device)
             self.topk = profile.simulator.topk
         else:
             self.engine = bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25")
