@@ -295,7 +295,7 @@ def cost_summary(profile, runs: dict[str, list[dict]], trajectories: list[dict],
     (on this machine the seconds are CPU seconds: the price is then what the same work would be billed
     on a GPU-hour, an upper bound for a tiny model)."""
     val_calls = sim_calls = sim_tokens = 0
-    sim_seconds = 0.0
+    sim_seconds, tokens_logged = 0.0, False
     for metrics in runs.values():
         for m in metrics:
             if m.get("val_searches_per_question") is not None:
@@ -305,9 +305,10 @@ def cost_summary(profile, runs: dict[str, list[dict]], trajectories: list[dict],
                                                     * profile.rl.group_size))
                 sim_calls += calls
                 sim_tokens += m.get("simulator_tokens", 0)
+                tokens_logged |= "simulator_tokens" in m
                 sim_seconds += m["simulator_seconds"]
     return {"collection_calls": sum(len(r.get("calls", [])) for r in trajectories), "validation_calls": val_calls,
-            "rl_simulator_calls": sim_calls, "rl_simulator_tokens": sim_tokens, "rl_simulator_seconds": sim_seconds,
+            "rl_simulator_calls": sim_calls, "rl_simulator_tokens": sim_tokens if tokens_logged else None, "rl_simulator_seconds": sim_seconds,
             "api_price_per_1000": api_price_per_1000, "gpu_price_per_hour": gpu_price_per_hour,
             "rl_api_dollars": sim_calls / 1000 * api_price_per_1000,
             "rl_simulator_dollars": sim_seconds / 3600 * gpu_price_per_hour}

@@ -277,6 +277,7 @@ def cost_panel(cost: dict):
     right.bar_label(bars, [f"${v:,.4f}" if v < 1 else f"${v:,.2f}" for v in dollars.values()], fontsize=8, padding=2)
     right.set_ylim(0, 1.15 * max(0.01, *dollars.values()))
     right.set_ylabel("US dollars")
+    tokens = cost["rl_simulator_tokens"]  # None: a run from before the trainer logged them
     right.set_title(f"RL's searches: paid API against the simulator ({cost['rl_simulator_seconds']:.0f} s, "
-                    f"{cost['rl_simulator_tokens']:,} tokens)", fontsize=9)
+                    + (f"{tokens:,} tokens)" if tokens is not None else "tokens not logged)"), fontsize=9)
     return _done(fig, "cost_panel")
