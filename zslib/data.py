@@ -79,6 +79,14 @@ def _local_file(path: Path, split: str) -> Path:
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically: a temporary file, then a rename (a reader never sees half of it)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write rows atomically (a temporary file, then a rename): a reader never sees half a file,
     and an interrupted write leaves the old file whole. Keys are sorted, so output is stable."""

@@ -210,15 +210,11 @@ def score(trajs: list[Trajectory], tokenizer, seed: int = 0) -> dict:
     order (think? (search information think?)* answer); ``answer_tokens``: mean tokens of the
     extracted answers (questions without one count 0)."""
     n = max(1, len(trajs))
-    em = [exact_match(t.answer, t.golden_answers) for t in trajs]
+    common = score_trajectories(trajs)
     responses = [tokenizer.decode(t.response_ids, skip_special_tokens=True) for t in trajs]
     return {
-        "em": sum(em) / n,
-        "em_ci": bootstrap_ci(em, seed=seed),
-        "cover_em": sum(cover_exact_match(t.answer, t.golden_answers) for t in trajs) / n,
-        "f1": sum(f1_score(t.answer, t.golden_answers) for t in trajs) / n,
-        "searches_per_question": sum(len(t.calls) for t in trajs) / n,
-        "searched_share": sum(len(t.calls) > 0 for t in trajs) / n,
+        **{k: common[k] for k in ("em", "cover_em", "f1", "searches_per_question", "searched_share")},
+        "em_ci": bootstrap_ci([exact_match(t.answer, t.golden_answers) for t in trajs], seed=seed),
         "invalid_rate": sum(not valid_format(r) for r in responses) / n,
         "answer_tokens": sum(len(tokenizer(t.answer, add_special_tokens=False)["input_ids"]) if t.answer else 0
                              for t in trajs) / n,
@@ -272,16 +268,13 @@ def results_markdown(rows: list[dict]) -> str:
 
 def write_results(out_dir: str | Path, rows: list[dict], preds: list[dict]) -> dict[str, Path]:
     """``results.json`` ({"rows": […]}), ``results.md`` and ``predictions.jsonl``, each written atomically."""
-    from .data import write_jsonl
+    from .data import write_jsonl, write_text_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "predictions": out_dir / "predictions.jsonl"}
-    for key, text in (("json", json.dumps({"rows": [{k: r[k] for k in RESULT_KEYS} for r in rows]}, indent=1)),
-                      ("md", results_markdown(rows))):
-        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+    write_text_atomic(paths["json"], json.dumps({"rows": [{k: r[k] for k in RESULT_KEYS} for r in rows]}, indent=1))
+    write_text_atomic(paths["md"], results_markdown(rows))
     write_jsonl(paths["predictions"], preds)
     return paths
 

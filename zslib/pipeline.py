@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .config import ROOT, ConfigError, load_profile, to_dict
+from .data import write_text_atomic
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL = "zerosearch"
@@ -151,7 +152,8 @@ def run(profile: str = "tiny", start: str | None = None, stop: str | None = None
         stamp.unlink(missing_ok=True)  # a step that fails halfway is not current
         seconds = run_step(step, profile, overrides, P.out, kernel)
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        write_text_atomic(stamp, json.dumps({"key": key, "seconds": round(seconds, 1),
+                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
         out(f"{step.name}: done in {seconds:.0f} s")
         records.append({"step": step.name, "skipped": False, "seconds": seconds})
     return records

@@ -34,7 +34,7 @@ from torch import nn
 from . import algos
 from .backends import backend_for
 from .curriculum import noise_probability
-from .data import sample_questions
+from .data import sample_questions, write_text_atomic
 from .evaluate import greedy_with_engine, validation_questions
 from .models import quiet_loading
 from .reward import exact_match, extract_answer, f1_score, format_reward
@@ -136,12 +136,6 @@ def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask) -> tuple[torch.Te
     return loss, {"pg_loss": pg.item(), "entropy": ent.item(), "kl": kl.item(), **stats}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _equal_groups(grouped: torch.Tensor) -> float:
     """Share of rows (groups) of ``[groups, group_size]`` scores that are all equal."""
     return (grouped.max(1).values == grouped.min(1).values).float().mean().item()
@@ -191,7 +185,7 @@ def _keep_until(path: Path, step: int) -> list[dict]:
             if n < len(lines):
                 raise ValueError(f"{path}, line {n}: not valid JSON, and not the last line") from None
     kept = [r for r in rows if r["step"] <= step]
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 
