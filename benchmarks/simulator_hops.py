@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from zslib import config, data, evaluate, models, rollout, search, simulator
+from zslib import config, data, evaluate, hf_backend, models, rollout, search, simulator
 
 
 def first_docs_hold_answer(trajs) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     for hops, questions in by_hops.items():
         for name, search_fn in search_fns.items():
             torch.manual_seed(P.seed)
-            scores, trajs = evaluate.evaluate_policy(rollout.HFBackend(model, tok), tok, questions, search_fn,
+            scores, trajs = evaluate.evaluate_policy(hf_backend.HFBackend(model, tok), tok, questions, search_fn,
                                                      P.rollout, P.rollout.temperature, desc=f"{hops}-hop, {name}")
             split = scores["em_by_searches"]
             cell = {k: f"{split[k]['em']:.3f} (n {split[k]['n']})" if k in split else "" for k in ("1", "2+")}

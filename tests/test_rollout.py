@@ -3,8 +3,8 @@ import torch
 
 from zslib.config import RolloutConfig
 from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
-from zslib.rollout import (STOP_STRINGS, GrowingCache, HFBackend, _GrowingLayer, engine_search_fn, length_groups,
-                           parse_action, rollout)
+from zslib.hf_backend import GrowingCache, HFBackend, _GrowingLayer, length_groups
+from zslib.rollout import STOP_STRINGS, engine_search_fn, parse_action, rollout
 from zslib.search import Doc, format_docs
 
 

@@ -1,9 +1,11 @@
+import re
+
 import pytest
 
 from zslib import prompts
 from zslib.config import SimulatorConfig, TinyConfig
 from zslib.search import Doc, format_docs
-from zslib.simulator import SimulatedEngine, contains_answer, parse_docs
+from zslib.simulator import InProcessTransport, SimulatedEngine, contains_answer, parse_docs
 
 
 def test_parse_docs_reads_numbered_documents_and_cuts_after_k():
@@ -61,7 +63,7 @@ def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
     from zslib import tiny
     model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
                                                    num_heads=2, num_kv_heads=1), seed=0).eval()
-    engine = SimulatedEngine(model, tokenizer, SimulatorConfig(max_new_tokens=12, batch_calls=2))
+    engine = SimulatedEngine(InProcessTransport(model, tokenizer), tokenizer, SimulatorConfig(max_new_tokens=12, batch_calls=2))
     out = engine.search(["a", "b", "c"], 3, noisy=[False, True, False], questions=["qa", "qb", "qc"],
                         answers=["x", "y", "z"], temperature=1.0)
     assert len(out) == 3 and all(len(docs) <= 3 for docs in out)
@@ -137,3 +139,92 @@ def test_evaluate_engine_counts_answers_per_kind_and_parse_rate():
 
     r = evaluate_engine(search, triples, topk=1)
     assert r == {"useful_contains_answer": 0.8, "noisy_contains_answer": 0.1, "parse_rate": 17 / 20, "n": 10}
+
+
+class _StubServer:
+    """A local HTTP server standing in for the simulator's: each request gets the next scripted
+    reply, ("sleep", seconds) or (status, body)."""
+
+    def __init__(self, replies):
+        import http.server
+        import threading
+        self.replies, self.requests = list(replies), 0
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                import json
+                import time
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests += 1
+                kind, value = stub.replies.pop(0) if stub.replies else (200, None)
+                if kind == "sleep":
+                    time.sleep(value)
+                    kind = 200
+                if value is None:
+                    value = {"choices": [{"index": i, "text": f"Doc 1(Title: T{i}) text {i}"}
+                                         for i in range(len(body["prompt"]))], "usage": {"completion_tokens": 7}}
+                data = json.dumps(value).encode() if kind == 200 else str(value).encode()
+                self.send_response(kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _transport(url, **kw):
+    from zslib.simulator import HTTPTransport
+    return HTTPTransport(url, "simulator", **{"timeout_s": 2.0, "retries": 2, "backoff_s": 0.01, **kw})
+
+
+def test_http_transport_retries_a_5xx_and_a_timeout_then_answers_in_order():
+    stub = _StubServer([(503, "busy"), ("sleep", 1.0)])
+    try:
+        transport = _transport(stub.url, timeout_s=0.3, batch_calls=2)
+        texts = transport.complete([[1, 2], [3], [4, 5]], 1, 10, 0.0, 1.0)  # 2 requests: 2 prompts, then 1
+        assert texts == ["Doc 1(Title: T0) text 0", "Doc 1(Title: T1) text 1", "Doc 1(Title: T0) text 0"]
+        assert stub.requests == 4 and transport.generated_tokens == 14
+    finally:
+        stub.close()
+
+
+@pytest.mark.parametrize("replies, error", [
+    ([("sleep", 1.0)] * 3, r"/completions did not answer within 0.3 s \(3 tries\)"),
+    ([(500, "boom")] * 3, r"/completions answered HTTP 500: boom \(3 tries\)"),
+    ([(400, "bad prompt")], r"/completions refused the request: HTTP 400: bad prompt"),
+])
+def test_http_transport_errors_name_the_url(replies, error):
+    from zslib.simulator import SimulatorServerError
+    stub = _StubServer(replies)
+    try:
+        with pytest.raises(SimulatorServerError, match=re.escape(stub.url) + error):
+            _transport(stub.url, timeout_s=0.3).complete([[1, 2]], 1, 10, 0.0, 1.0)
+        assert stub.requests == len(replies), "a 4xx is not tried again; the others are, retries times"
+    finally:
+        stub.close()
+
+
+def test_http_transport_says_when_the_server_is_down():
+    import socket
+
+    from zslib.simulator import SimulatorServerError
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(SimulatorServerError, match=re.escape(url) + r"/completions is not reachable .*3 tries.*"
+                                                   r"python -m zslib.serve_simulator"):
+        _transport(url).complete([[1]], 1, 10, 0.0, 1.0)

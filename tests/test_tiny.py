@@ -194,7 +194,7 @@ def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, 
 
     monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
     small = {"tiny.hidden_size": 64, "tiny.intermediate_size": 128, "tiny.num_layers": 1, "tiny.num_heads": 2,
-             "tiny.num_kv_heads": 1, "tiny.copy_warmup_steps": 3, "tiny.copy_drills": 50, "tiny.policy_steps": 4,
+             "tiny.num_kv_heads": 1, "tiny.copy_warmup_steps": 3, "tiny.policy_copy_warmup_steps": 3, "tiny.copy_drills": 50, "tiny.policy_steps": 4,
              "tiny.simulator_steps": 3, "tiny.simulator_copy_steps": 2, "tiny.answer_drills": 40,
              "tiny.batch_tokens": 1024, "tiny.copy_warmup_batch_tokens": 512, "tiny.simulator_copy_batch_tokens": 512}
     splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}

@@ -10,10 +10,11 @@ from zslib import algos, trainer
 from zslib.data import read_rows
 from zslib.config import RLConfig, RolloutConfig, load_profile
 from zslib.prompts import INVALID_ACTION
-from zslib.rollout import HFBackend, Trajectory, engine_search_fn, rollout
+from zslib.hf_backend import HFBackend
+from zslib.rollout import Trajectory, engine_search_fn, rollout
 
 TIMING = ("seconds", "tokens_per_s", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds",
-          "validation_seconds")
+          "validation_seconds", "weight_sync_seconds")
 
 
 @pytest.fixture(scope="module")

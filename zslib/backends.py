@@ -1,17 +1,20 @@
 """The one place generation backends are built (``rollout.backend`` in the profile).
 
 A backend turns a batch of token-id prompts into new token ids, each row stopping at a stop string
-or EOS (``rollout.GenerationBackend``). Collection, RL, evaluation, the LLM judge and the in-process
-simulator all get theirs from ``make_backend``, so a new inference engine is one branch here.
+or EOS. Collection, RL, evaluation, the LLM judge and the in-process simulator all get theirs from
+``make_backend``, so a new inference engine is one branch here.
 
-- ``hf``: ``rollout.HFBackend``, transformers with our own batched decoding loop (the default;
+- ``hf``: ``hf_backend.HFBackend``, transformers with our own batched decoding loop (the default;
   runs everywhere);
-- ``vllm``: not built yet (issue 17): asking for it is an error that says so.
+- ``vllm``: ``vllm_backend.VLLMBackend``, a vLLM engine in this process's care (its CPU build on a
+  laptop and in CI, the CUDA build on a GPU), its settings from the profile's ``vllm:`` section.
 """
 
 from __future__ import annotations
 
-from .rollout import STOP_STRINGS, HFBackend
+from typing import Protocol
+
+from .rollout import STOP_STRINGS
 
 BACKENDS = ("hf", "vllm")
 
@@ -20,16 +23,46 @@ class BackendError(RuntimeError):
     pass
 
 
-def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = None, **options):
-    """A generation backend of ``kind`` for ``model``; ``options`` go to the backend (for ``hf``:
-    ``reuse_cache`` and the other switches of ``HFBackend``)."""
+class GenerationBackend(Protocol):
+    """What ``rollout.rollout`` and the simulator need of an inference engine."""
+
+    generated_tokens: int  # every token generated so far (the cost a simulator reports)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float, continuing: bool = False) -> list[list[int]]:
+        """New token ids per prompt, ending at a stop string or EOS (inclusive). ``continuing``:
+        each prompt extends one of the previous call's rows (same weights), so a backend may
+        reuse what it computed for them."""
+
+    def release(self) -> None:
+        """Finished rows: drop whatever was kept for them between turns."""
+
+    def load_weights(self) -> None:
+        """The model's weights changed (a policy update): generate with the new ones from now on."""
+
+
+def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = None, vllm_cfg=None, **options):
+    """A generation backend of ``kind`` for ``model`` (an in-memory transformers model).
+
+    ``vllm_cfg``: the profile's ``vllm`` section (defaults when None). ``options`` go to the
+    backend: for ``hf``, ``reuse_cache`` (and the benchmark switches of ``HFBackend``); for
+    ``vllm``, ``logprobs`` (return each generated token's log-prob, default True)."""
+    stop_strings = stop_strings or STOP_STRINGS
     if kind == "hf":
-        return HFBackend(model, tokenizer, stop_strings or STOP_STRINGS, **options)
+        from .hf_backend import HFBackend
+        return HFBackend(model, tokenizer, stop_strings, **options)
     if kind == "vllm":
-        raise BackendError("rollout.backend: vllm is not implemented yet (issue 17); use rollout.backend: hf")
+        try:
+            from .vllm_backend import VLLMBackend
+        except ImportError as e:
+            raise BackendError(f"rollout.backend: vllm needs the vllm package ({e}); `make install` installs "
+                               "its CPU build, or use rollout.backend: hf") from None
+        from .config import VLLMConfig
+        options.pop("reuse_cache", None)  # vLLM's prefix cache decides what to reuse
+        return VLLMBackend(model, tokenizer, stop_strings, vllm_cfg or VLLMConfig(), **options)
     raise BackendError(f"rollout.backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
 
 
 def backend_for(profile, model, tokenizer, stop_strings: list[str] | None = None, **options):
-    """The profile's backend (``rollout.backend``) for ``model``."""
-    return make_backend(profile.rollout.backend, model, tokenizer, stop_strings, **options)
+    """The profile's backend (``rollout.backend``, settings from ``vllm:``) for ``model``."""
+    return make_backend(profile.rollout.backend, model, tokenizer, stop_strings, profile.vllm, **options)

@@ -71,7 +71,11 @@ class TinyConfig:
     memory_demos: int = 4
     guess_loss: bool = True          # False: a guessed answer in a demonstration carries no loss
     restate_topic: bool = False      # every later thought of a demonstration opens with its first thought
-    copy_warmup_steps: int = 800     # phase 1 of each base: copy drills (see tiny.copy_drills)
+    copy_warmup_steps: int = 800     # phase 1 of the simulator base: copy drills (see tiny.copy_drills)
+    # Phase 1 of the policy base. Copying forms abruptly, at a step that varies with the seed and the
+    # precision; at 800 steps it was still forming (loss 0.5 with bf16, 0.97 without), and the base's EM
+    # followed: 0.52-0.68 over three seeds, 0.06 without bf16. At 1600 it has formed (loss < 0.1).
+    policy_copy_warmup_steps: int = 1600
     copy_years: float = 0.0          # share of the policy's copy drills' items that are years (its warm-up and mix)
     copy_titles: float = 0.0         # share of the other items that are book or film titles
     copy_warmup_batch_tokens: int = 1024
@@ -101,6 +105,28 @@ class RolloutConfig:
     def __post_init__(self):
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"rollout.backend must be hf or vllm, not {self.backend!r}")
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM engine settings, for ``rollout.backend: vllm`` and the simulator server (zslib/vllm_backend.py,
+    zslib/serve_simulator.py). The defaults suit the tiny models on a CPU (docs/method.md §17)."""
+    dtype: str = "auto"               # auto: the model's own dtype (fp32 for the tiny models); or bfloat16, float32
+    max_model_len: int = 1024
+    enforce_eager: bool = True        # False: compiled graphs (faster decoding, slower start)
+    enable_prefix_caching: bool = True  # later turns and group members reuse the prompt's KV cache
+    kv_cache_memory_bytes: int = 268435456  # 256 MiB; the CPU build cannot size the cache itself. 0: use gpu_memory_utilization
+    gpu_memory_utilization: float = 0.3     # GPU share for weights and cache when kv_cache_memory_bytes is 0
+    max_num_seqs: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"vllm.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.max_model_len < 16:
+            raise ConfigError(f"vllm.max_model_len must be at least 16, got {self.max_model_len}")
+        if self.kv_cache_memory_bytes < 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("vllm.kv_cache_memory_bytes must be >= 0 and vllm.gpu_memory_utilization in (0, 1]")
 
 
 @dataclass
@@ -151,7 +177,19 @@ class SimulatorConfig:
     max_length: int = 512
     bf16: bool = True             # bf16 autocast, on the CPU too (about 1.8x faster with AVX512-BF16)
     eval_triples: int = 200       # held-out (question, answer, query) triples for notebook 03
-    batch_calls: int = 32         # simulated searches per generate call
+    batch_calls: int = 32         # simulated searches per generate call (per HTTP request with serve: http)
+    serve: str = "inprocess"      # inprocess: generate in this process; http: call the simulator server
+    url: str = "http://127.0.0.1:8001/v1"  # with serve: http, an OpenAI-compatible server (python -m zslib.serve_simulator)
+    served_name: str = "simulator"  # the model name the server knows the fine-tuned simulator by
+    timeout_s: float = 60.0       # per HTTP request
+    retries: int = 3              # further tries after a timeout, a dropped connection or a 5xx answer
+    threads: int = 4              # HTTP requests in flight at once
+
+    def __post_init__(self):
+        if self.serve not in ("inprocess", "http"):
+            raise ConfigError(f"simulator.serve must be inprocess or http, not {self.serve!r}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1:
+            raise ConfigError("simulator.timeout_s must be > 0, simulator.retries >= 0, simulator.threads >= 1")
 
 
 @dataclass
@@ -228,6 +266,7 @@ class Profile:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)

@@ -85,11 +85,13 @@ def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
     return rows[-n:]
 
 
-def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate") -> dict:
-    """A policy's greedy scores with a real engine (validation never uses the simulator, docs/method.md §7)."""
+def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate",
+                       backend=None) -> dict:
+    """A policy's greedy scores with a real engine (validation never uses the simulator, docs/method.md §7).
+    ``backend``: one already generating with ``model``'s current weights (the trainer's)."""
     was_training = model.training
     model.eval()
-    scores, _ = evaluate_policy(backend_for(profile, model, tokenizer), tokenizer, rows,
+    scores, _ = evaluate_policy(backend or backend_for(profile, model, tokenizer), tokenizer, rows,
                                 engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc)
     model.train(was_training)
     return scores

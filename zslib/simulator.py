@@ -44,30 +44,109 @@ def contains_answer(docs: list[Doc], answers: list[str]) -> bool:
     return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
 
 
-class SimulatedEngine:
-    """An LLM that writes search results on demand, useful or noisy per call.
+class InProcessTransport:
+    """The simulator generating in this process, on the profile's generation backend."""
 
-    ``generated_tokens`` and ``calls`` count the cost (what a real API would have billed).
-    """
-
-    def __init__(self, model, tokenizer, cfg, variant: str | None = None, backend: str = "hf"):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.variant = variant or cfg.prompt
-        self.backend_kind = backend  # rollout.backend of the profile (zslib/backends.py)
+    def __init__(self, model, tokenizer, backend: str = "hf", vllm_cfg=None):
+        self.model, self.tokenizer, self.backend_kind, self.vllm_cfg = model, tokenizer, backend, vllm_cfg
         self._backends: dict = {}
-        self.calls = 0
 
     @property
     def generated_tokens(self) -> int:
         return sum(b.generated_tokens for b in self._backends.values())
 
-    def _backend(self, k: int):
-        # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
+    def complete(self, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[str]:
         if k not in self._backends:
+            # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
             from .backends import make_backend
             self._backends[k] = make_backend(self.backend_kind, self.model, self.tokenizer, [f"Doc {k + 1}("],
-                                             reuse_cache=False)
-        return self._backends[k]
+                                             self.vllm_cfg, reuse_cache=False)
+        out = self._backends[k].generate(prompts, max_new_tokens, temperature, top_p)
+        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+class SimulatorServerError(RuntimeError):
+    pass
+
+
+class HTTPTransport:
+    """The simulator behind an OpenAI-compatible completions endpoint (vLLM's server, started by
+    ``python -m zslib.serve_simulator``). Prompts go as token ids, so the server sees exactly what
+    the in-process simulator would; ``threads`` requests of ``batch_calls`` prompts are in flight at
+    once. A timeout, a dropped connection or a 5xx answer is tried again ``retries`` times with
+    doubling pauses; then, or at once for a 4xx answer, the error names the URL."""
+
+    def __init__(self, url: str, model_name: str, timeout_s: float = 60.0, retries: int = 3, threads: int = 4,
+                 batch_calls: int = 32, backoff_s: float = 0.5):
+        self.url, self.model_name = url.rstrip("/"), model_name
+        self.timeout_s, self.retries, self.threads, self.batch_calls = timeout_s, retries, threads, batch_calls
+        self.backoff_s = backoff_s
+        self.generated_tokens = 0
+
+    def _post(self, body: dict) -> dict:
+        import time
+
+        import requests
+        endpoint = f"{self.url}/completions"
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                reply = requests.post(endpoint, json=body, timeout=self.timeout_s)
+            except requests.exceptions.Timeout:
+                problem = f"did not answer within {self.timeout_s:g} s"
+                continue
+            except requests.exceptions.ConnectionError as e:
+                problem = f"is not reachable ({type(e).__name__})"
+                continue
+            if reply.status_code >= 500:
+                problem = f"answered HTTP {reply.status_code}: {reply.text[:300]}"
+                continue
+            if reply.status_code >= 400:
+                raise SimulatorServerError(f"simulator server {endpoint} refused the request: HTTP "
+                                           f"{reply.status_code}: {reply.text[:300]}")
+            return reply.json()
+        raise SimulatorServerError(
+            f"simulator server {endpoint} {problem} ({self.retries + 1} tries). Start it with "
+            "`python -m zslib.serve_simulator --profile <profile>`, or set simulator.serve: inprocess")
+
+    def complete(self, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
+                 top_p: float) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+        chunks = [prompts[i:i + self.batch_calls] for i in range(0, len(prompts), self.batch_calls)]
+
+        def ask(chunk: list[list[int]]) -> list[str]:
+            reply = self._post({"model": self.model_name, "prompt": chunk, "max_tokens": max_new_tokens,
+                                "temperature": temperature, "top_p": top_p, "stop": [f"Doc {k + 1}("],
+                                "include_stop_str_in_output": True})
+            choices = sorted(reply.get("choices", []), key=lambda c: c["index"])
+            if len(choices) != len(chunk):
+                raise SimulatorServerError(f"simulator server {self.url}/completions answered {len(choices)} "
+                                           f"completions for {len(chunk)} prompts")
+            self.generated_tokens += reply.get("usage", {}).get("completion_tokens", 0)
+            return [c["text"] for c in choices]
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return [text for texts in pool.map(ask, chunks) for text in texts]
+
+
+class SimulatedEngine:
+    """An LLM that writes search results on demand, useful or noisy per call, through a transport
+    (in this process, or a server over HTTP: ``simulator.serve``).
+
+    ``generated_tokens`` and ``calls`` count the cost (what a real API would have billed).
+    """
+
+    def __init__(self, transport, tokenizer, cfg, variant: str | None = None):
+        self.transport, self.tokenizer, self.cfg = transport, tokenizer, cfg
+        self.variant = variant or cfg.prompt
+        self.calls = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.transport.generated_tokens
 
     def prompts(self, queries, topk, noisy, questions, answers) -> list[str]:
         return [render_simulator_prompt(self.tokenizer, simulator_user_message(
@@ -77,12 +156,13 @@ class SimulatedEngine:
     def generate_raw(self, queries, topk, noisy, questions, answers, temperature=None) -> list[str]:
         """The simulator's raw text per call (before parsing)."""
         temperature = self.cfg.temperature if temperature is None else temperature
+        prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                   for p in self.prompts(queries, topk, noisy, questions, answers)]
         texts = []
-        prompts = self.prompts(queries, topk, noisy, questions, answers)
-        for i in range(0, len(prompts), self.cfg.batch_calls):
-            chunk = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + self.cfg.batch_calls]]
-            out = self._backend(topk).generate(chunk, self.cfg.max_new_tokens, temperature, self.cfg.top_p)
-            texts += [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        step = len(prompts) if isinstance(self.transport, HTTPTransport) else self.cfg.batch_calls
+        for i in range(0, len(prompts), max(1, step)):  # (the HTTP transport splits its requests itself)
+            texts += self.transport.complete(prompts[i:i + step], topk, self.cfg.max_new_tokens, temperature,
+                                             self.cfg.top_p)
         self.calls += len(prompts)
         return texts
 
@@ -100,12 +180,24 @@ class SimulatedEngine:
         return [parse_docs(text, topk)[0] for text in raw]
 
 
-def engine_for(profile, finetuned: bool = True, variant: str | None = None, loaded=None, device: str | None = None):
+def engine_for(profile, finetuned: bool = True, variant: str | None = None, loaded=None, device: str | None = None,
+               serve: str | None = None):
     """The profile's simulator as a search engine, the one way to build one: the fine-tuned simulator
-    (or the base, ``finetuned=False``) on the profile's generation backend. ``loaded``: a
-    ``(model, tokenizer)`` already in memory."""
+    (or the base, ``finetuned=False``) in this process on the profile's generation backend, or, with
+    ``simulator.serve: http`` (or ``serve="http"``), the server at ``simulator.url``. ``loaded``: a
+    ``(model, tokenizer)`` already in memory (in-process only)."""
+    cfg = profile.simulator
+    serve = serve or cfg.serve
+    if serve == "http":
+        from transformers import AutoTokenizer
+        tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(
+            str(profile.simulator_dir if finetuned else profile.simulator_path))
+        name = cfg.served_name if finetuned else f"{cfg.served_name}-base"
+        transport = HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls)
+        return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
     model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
-    return SimulatedEngine(model, tokenizer, profile.simulator, variant=variant, backend=profile.rollout.backend)
+    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm)
+    return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
 
 
 def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):

@@ -535,12 +535,14 @@ def _save(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
-def copy_warmup(model, tokenizer, cfg, log_path, seed: int, years: float = 0.0, titles: float = 0.0) -> list[dict]:
+def copy_warmup(model, tokenizer, cfg, log_path, seed: int, years: float = 0.0, titles: float = 0.0,
+                steps: int | None = None) -> list[dict]:
     """Phase 1 of a base: copy drills in small batches (steps matter more than tokens), with
     ``years`` of the items years and ``titles`` of the others titles."""
     warm = dataclasses.replace(cfg, batch_tokens=cfg.copy_warmup_batch_tokens)
-    drills = copy_drills(tokenizer, 20 * cfg.copy_warmup_steps, seed, years, titles)
-    return pretrain(model, drills, cfg.copy_warmup_steps, warm, log_path, seed=seed, desc="copy warm-up",
+    steps = steps or cfg.copy_warmup_steps
+    drills = copy_drills(tokenizer, 20 * steps, seed, years, titles)
+    return pretrain(model, drills, steps, warm, log_path, seed=seed, desc="copy warm-up",
                     phase="copy warm-up")
 
 
@@ -602,14 +604,16 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
     # The policy's warm-up holds years and titles (it copies both into queries and answers). The
     # simulator's stays names only: with years and titles there, its fine-tuned documents held a
     # year answer 15% of the time instead of copying it from the prompt (its own phase 3 teaches years).
-    shares = {"simulator-base": (0.0, 0.0), "policy-base": (cfg.copy_years, cfg.copy_titles)}
-    warm = {}  # (years, titles) -> (model, log): one warm-up per kind, shared when both bases want the same
+    shares = {"simulator-base": (0.0, 0.0, cfg.copy_warmup_steps),
+              "policy-base": (cfg.copy_years, cfg.copy_titles, cfg.policy_copy_warmup_steps)}
+    warm = {}  # (years, titles, steps) -> (model, log): one warm-up per kind, shared when both bases want the same
     logs = {}
     for name in todo:
         if shares[name] not in warm:
             start = build_model(tokenizer, cfg, seed=profile.seed)
             log = profile.models_dir / f"{name}.loss.jsonl"
-            warm[shares[name]] = (start, copy_warmup(start, tokenizer, cfg, log, profile.seed, *shares[name]))
+            years, titles, steps = shares[name]
+            warm[shares[name]] = (start, copy_warmup(start, tokenizer, cfg, log, profile.seed, years, titles, steps))
         start, warm_log = warm[shares[name]]
         if name == "simulator-base":
             steps = cfg.simulator_steps

@@ -205,11 +205,15 @@ class RLTrainer:
     with validation the best-validated weights in ``best/``, and at the end the trained ``policy/``."""
 
     def __init__(self, profile, run_dir: str | Path | None = None, questions: list[dict] | None = None,
-                 simulator=None, bm25=None, validation: list[dict] | None = None):
-        """``simulator``: an already loaded ``(model, tokenizer)`` to share between runs;
-        ``bm25``: an engine to reuse; ``questions``: the training questions (default: the
-        profile's train sets, at most ``max_hops`` hops); ``validation``: the validation questions
-        (default: ``evaluate.validation_questions``), used when ``rl.validate_every > 0``."""
+                 simulator=None, bm25=None, validation: list[dict] | None = None, engine=None, backend=None):
+        """``engine``: the search engine RL trains against (default: the profile's, ``rl.engine``:
+        ``simulator.engine_for`` or BM25); ``backend``: a callable ``(policy, tokenizer) ->
+        GenerationBackend`` (default: ``backends.backend_for`` with the profile); so a new engine,
+        transport or inference engine needs no change here. ``simulator``: an already loaded
+        ``(model, tokenizer)`` to share between runs; ``bm25``: an engine to reuse; ``questions``:
+        the training questions (default: the profile's train sets, at most ``max_hops`` hops);
+        ``validation``: the validation questions (default: ``evaluate.validation_questions``), used
+        when ``rl.validate_every > 0``."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         self.profile, self.cfg = profile, profile.rl
@@ -252,12 +256,12 @@ class RLTrainer:
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(self.critic_optimizer, self._warmup)
 
-        self.backend = backend_for(profile, self.policy, self.tokenizer)
+        self.backend = (backend or (lambda model, tok: backend_for(profile, model, tok)))(self.policy, self.tokenizer)
         if cfg.engine == "simulator":
-            self.engine = engine_for(profile, loaded=simulator, device=self.device)
+            self.engine = engine or engine_for(profile, loaded=simulator, device=self.device)
             self.topk = profile.simulator.topk
         else:
-            self.engine = bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25")
+            self.engine = engine or bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25")
             self.topk = profile.search.topk
         if questions is None:
             questions = sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, seed=profile.seed)
@@ -359,6 +363,9 @@ class RLTrainer:
         if self.critic is not None:
             self.critic_scheduler.step()
         timing["update"] = time.time() - t0
+        t0 = time.time()
+        self.backend.load_weights()  # the next rollouts (and validation) sample the updated policy
+        timing["weight_sync"] = time.time() - t0
         self.step_count = step
 
         # 7. validate: greedy, real engine; the best weights so far are kept in best/
@@ -409,7 +416,7 @@ class RLTrainer:
         the earlier step) saves the policy (or adapter) to ``best/step-N/``; the previous best is
         removed only once the new one is complete."""
         scores = greedy_with_engine(self.policy, self.tokenizer, self.validation, self.real_engine,
-                                    self.profile, desc="validation")
+                                    self.profile, desc="validation", backend=self.backend)
         if self.best_validation is None or scores["em"] > self.best_validation[0]:
             self.best_validation = (scores["em"], self.step_count)
 
@@ -545,6 +552,7 @@ class RLTrainer:
             from transformers import AutoModelForCausalLM
             saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
             self.policy.load_state_dict(saved.state_dict())
+        self.backend.load_weights()  # a vLLM engine still holds the weights it started with
 
     def save_policy(self, folder: str | Path | None = None) -> Path:
         """The trained policy (adapter merged) and tokenizer, loadable with ``from_pretrained``."""

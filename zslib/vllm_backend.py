@@ -1,0 +1,207 @@
+"""The vLLM generation backend (``rollout.backend: vllm``), colocated with the trainer.
+
+``VLLMBackend`` takes token ids in and gives token ids out (nothing is re-tokenised between
+turns), stops at the protocol's stop strings, samples with the profile's temperature and top-p,
+and records each generated token's log-prob (``last_logprobs``). The engine runs in its own
+processes, started from the in-memory model (saved to a temporary folder); after a policy update
+``load_weights()`` sends the new weights (a LoRA adapter merged first) into the running engine:
+no restart.
+
+Engines are shared: one per (architecture, dtype, ``vllm:`` settings) for the life of the process,
+so tests, evaluation and validation do not pay the start (30-40 s on a CPU) again. When a second
+model of the same architecture uses a shared engine, its weights are loaded first (about 0.3 s
+for a tiny model); a backend whose weights are not the engine's loads its own again before it
+generates.
+
+The CPU build needs three things (docs/method.md §17): an explicit KV-cache size, folders of its
+own for its sockets and compile caches (set here before vLLM starts), and the re-packing of the
+tied output layer after a weight load (``WeightSync``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_ENGINES: dict[str, dict] = {}  # key -> {"llm", "owner" (the backend whose weights it holds), "dir"}
+
+
+def prepare_environment() -> None:
+    """Folders vLLM writes to: compile caches under ``outputs/.vllm-cache`` (kept between runs, so
+    the second start skips compiling), sockets in a fresh temporary folder. Quiet logs unless
+    ``VLLM_LOGGING_LEVEL`` says otherwise."""
+    cache = Path(os.environ.get("ZS_VLLM_CACHE", ROOT / "outputs" / ".vllm-cache"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    if "VLLM_RPC_BASE_PATH" not in os.environ:
+        os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="zs-vllm-rpc-")
+    Path(os.environ["VLLM_RPC_BASE_PATH"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def engine_args(cfg, dtype: str) -> dict:
+    """The engine's keyword arguments from the profile's ``vllm`` section (the server launcher turns
+    the same dict into command-line flags)."""
+    args = {"dtype": dtype, "max_model_len": cfg.max_model_len, "enforce_eager": cfg.enforce_eager,
+            "enable_prefix_caching": cfg.enable_prefix_caching, "max_num_seqs": cfg.max_num_seqs,
+            "seed": cfg.seed}
+    if cfg.kv_cache_memory_bytes:
+        args["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    else:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return args
+
+
+def model_dtype(model, cfg) -> str:
+    return str(model.dtype).removeprefix("torch.") if cfg.dtype == "auto" else cfg.dtype
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights vLLM loads, under the checkpoint's names: a peft model's LoRA merged in (and taken
+    out again afterwards), a tied output layer left out (it is the embedding)."""
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        try:
+            state = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v.detach().clone()
+                     for k, v in model.state_dict().items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+    else:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def _weights(model, dtype: str) -> dict[str, torch.Tensor]:
+    target = getattr(torch, dtype)
+    return {k: v.to(target) for k, v in merged_state_dict(model).items()}
+
+
+class WeightSync:
+    """A vLLM worker extension (``LLM(worker_extension_cls=...)``): loads weights sent as
+    safetensors bytes (tensors passed straight through ``collective_rpc`` do not arrive on the CPU).
+
+    On the CPU, vLLM keeps a pre-packed copy of each weight matrix for its GEMM kernels; the reload
+    re-packs the linear layers but not a tied output layer, whose log-probs then come out wrong
+    (mean |Δ| 1.7e-2): re-running its post-load step restores agreement to fp32 level."""
+
+    def zs_load_weights(self, blob: bytes) -> int:
+        from safetensors.torch import load
+        weights = load(blob)
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        head = getattr(self.model_runner.get_model(), "lm_head", None)
+        method = getattr(head, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(head)
+        return len(weights)
+
+
+def _engine(model, tokenizer, cfg) -> tuple[dict, bool]:
+    """The shared engine for this model's architecture and settings, and whether it was just started
+    from this model's weights."""
+    dtype = model_dtype(model, cfg)
+    arch = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    key = json.dumps([arch, dtype, dataclasses.asdict(cfg)], sort_keys=True, default=str)
+    if key in _ENGINES:
+        return _ENGINES[key], False
+    prepare_environment()
+    from safetensors.torch import save_file
+    from vllm import LLM
+
+    folder = Path(tempfile.mkdtemp(prefix="zs-vllm-model-"))
+    config = copy.deepcopy(model.config)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config.architectures = [type(base).__name__]  # what vLLM picks its model class by (unset in a model built in memory)
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(_weights(model, dtype), str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+    llm = LLM(model=str(folder), tokenizer=str(folder), worker_extension_cls="zslib.vllm_backend.WeightSync",
+              **engine_args(cfg, dtype))
+    _ENGINES[key] = {"llm": llm, "owner": None, "dir": folder}
+    return _ENGINES[key], True
+
+
+def shutdown_engines() -> None:
+    """Stop every shared engine (their processes and memory)."""
+    import shutil
+    for entry in _ENGINES.values():
+        try:
+            entry["llm"].llm_engine.engine_core.shutdown()
+        finally:
+            shutil.rmtree(entry["dir"], ignore_errors=True)
+    _ENGINES.clear()
+
+
+class VLLMBackend:
+    """``GenerationBackend`` on a shared vLLM engine; see the module's docstring."""
+
+    def __init__(self, model, tokenizer, stop_strings: list[str], cfg, logprobs: bool = True):
+        self.model, self.tokenizer, self.stop_strings, self.cfg = model, tokenizer, list(stop_strings), cfg
+        self.logprobs = logprobs
+        self.dtype = model_dtype(model, cfg)
+        self.entry, fresh = _engine(model, tokenizer, cfg)
+        self.llm = self.entry["llm"]
+        if fresh:
+            self.entry["owner"] = self
+        else:
+            self.load_weights()
+        self.generated_tokens = 0
+        self.last_logprobs: list[list[float]] = []  # per row of the last call, one per generated token
+
+    def load_weights(self) -> None:
+        """Send the model's current weights into the running engine (about 0.3 s for a tiny model)."""
+        from safetensors.torch import save
+        self.llm.collective_rpc("zs_load_weights", args=(save(_weights(self.model, self.dtype)),))
+        self.llm.reset_prefix_cache()  # cached keys and values were computed with the old weights
+        self.entry["owner"] = self
+
+    def release(self) -> None:
+        """Nothing to drop: vLLM's prefix cache frees finished rows itself."""
+
+    def _params(self, prompt_len: int, max_new_tokens: int, temperature: float, top_p: float):
+        from vllm import SamplingParams
+        room = self.cfg.max_model_len - prompt_len
+        if room < 1:
+            raise ValueError(f"a prompt of {prompt_len} tokens leaves no room under vllm.max_model_len "
+                             f"{self.cfg.max_model_len}")
+        # A seed per row from torch's generator: a row's sample does not depend on its batch, and a
+        # resumed RL run (which restores torch's RNG state) draws the same samples again.
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,))) if temperature > 0 else None
+        return SamplingParams(
+            temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=min(max_new_tokens, room),
+            stop=self.stop_strings, include_stop_str_in_output=True, logprobs=0 if self.logprobs else None,
+            seed=seed, skip_special_tokens=True)
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p, continuing=False):
+        from vllm.inputs import TokensPrompt
+        if self.entry["owner"] is not self:  # another model's weights are in the shared engine
+            self.load_weights()
+        params = [self._params(len(p), max_new_tokens, temperature, top_p) for p in prompts]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        new = [list(o.outputs[0].token_ids) for o in outs]
+        self.generated_tokens += sum(len(row) for row in new)
+        self.last_logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, row)]
+                              if o.outputs[0].logprobs else [] for o, row in zip(outs, new)]
+        return new
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The engine's log-prob of each token of each sequence given the tokens before it (one
+        fewer than the sequence's length): to compare with the trainer's ``token_logprobs``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        if self.entry["owner"] is not self:
+            self.load_weights()
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        return [[step[t].logprob for step, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, sequences)]
