@@ -55,3 +55,14 @@ def test_missing_profile_lists_known_ones():
 def test_every_shipped_profile_loads():
     for path in CONFIG_DIR.glob("*.yaml"):
         load_profile(path.stem)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("simulator.serve", "grpc", "simulator.serve must be inprocess or http, not 'grpc'"),
+    ("simulator.retries", -1, "simulator.retries >= 0"),
+    ("vllm.dtype", "int8", "vllm.dtype must be auto, float32, bfloat16 or float16, not 'int8'"),
+    ("vllm.gpu_memory_utilization", 1.5, r"vllm.gpu_memory_utilization in \(0, 1\]"),
+])
+def test_out_of_range_serving_settings_fail_at_load_time(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", {key: value})

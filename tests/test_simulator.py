@@ -228,3 +228,30 @@ def test_http_transport_says_when_the_server_is_down():
     with pytest.raises(SimulatorServerError, match=re.escape(url) + r"/completions is not reachable .*3 tries.*"
                                                    r"python -m zslib.serve_simulator"):
         _transport(url).complete([[1]], 1, 10, 0.0, 1.0)
+
+
+def test_the_server_command_serves_a_full_model_or_the_base_with_its_adapter(tmp_path):
+    import json
+
+    from zslib import config, serve_simulator
+    base, full, adapter = tmp_path / "base", tmp_path / "full", tmp_path / "adapter"
+    for folder, cfg in ((base, {"dtype": "bfloat16"}), (full, {"torch_dtype": "float32"})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    P = config.load_profile("tiny", {"models.simulator": str(base), "simulator.url": "http://127.0.0.1:8123/v1",
+                                     "vllm.kv_cache_memory_bytes": 0, "vllm.gpu_memory_utilization": 0.5})
+    cmd = serve_simulator.command(P, folder=full)
+    flags = dict(zip(cmd, cmd[1:]))
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and flags["--model"] == str(full)
+    assert flags["--served-model-name"] == "simulator" and flags["--port"] == "8123"
+    assert flags["--dtype"] == "float32", "fp32 weights are served in fp32, not vLLM's 16-bit 'auto'"
+    assert flags["--gpu-memory-utilization"] == "0.5" and "--kv-cache-memory-bytes" not in flags
+    lora = serve_simulator.command(P, folder=adapter)
+    flags = dict(zip(lora, lora[1:]))
+    assert flags["--model"] == str(base) and flags["--served-model-name"] == "simulator-base"
+    assert flags["--lora-modules"] == f"simulator={adapter}" and flags["--max-lora-rank"] == "8"
+    assert flags["--dtype"] == "bfloat16"
+    with pytest.raises(FileNotFoundError, match="run notebook 03 first"):
+        serve_simulator.command(P, folder=tmp_path / "nothing")
