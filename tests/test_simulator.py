@@ -63,7 +63,7 @@ def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
     from zslib import tiny
     model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
                                                    num_heads=2, num_kv_heads=1), seed=0).eval()
-    engine = SimulatedEngine(InProcessTransport(model, tokenizer), tokenizer, SimulatorConfig(max_new_tokens=12, batch_calls=2))
+    engine = SimulatedEngine(InProcessTransport(model, tokenizer, batch_calls=2), tokenizer, SimulatorConfig(max_new_tokens=12))
     out = engine.search(["a", "b", "c"], 3, noisy=[False, True, False], questions=["qa", "qb", "qc"],
                         answers=["x", "y", "z"], temperature=1.0)
     assert len(out) == 3 and all(len(docs) <= 3 for docs in out)

@@ -45,10 +45,12 @@ def contains_answer(docs: list[Doc], answers: list[str]) -> bool:
 
 
 class InProcessTransport:
-    """The simulator generating in this process, on the profile's generation backend."""
+    """The simulator generating in this process, on the profile's generation backend, ``batch_calls``
+    prompts per generate call."""
 
-    def __init__(self, model, tokenizer, backend: str = "hf", vllm_cfg=None):
+    def __init__(self, model, tokenizer, backend: str = "hf", vllm_cfg=None, batch_calls: int = 32):
         self.model, self.tokenizer, self.backend_kind, self.vllm_cfg = model, tokenizer, backend, vllm_cfg
+        self.batch_calls = batch_calls
         self._backends: dict = {}
 
     @property
@@ -62,8 +64,11 @@ class InProcessTransport:
             from .backends import make_backend
             self._backends[k] = make_backend(self.backend_kind, self.model, self.tokenizer, [f"Doc {k + 1}("],
                                              self.vllm_cfg, reuse_cache=False)
-        out = self._backends[k].generate(prompts, max_new_tokens, temperature, top_p)
-        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        texts = []
+        for i in range(0, len(prompts), self.batch_calls):
+            out = self._backends[k].generate(prompts[i:i + self.batch_calls], max_new_tokens, temperature, top_p)
+            texts += [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        return texts
 
 
 class SimulatorServerError(RuntimeError):
@@ -158,11 +163,7 @@ class SimulatedEngine:
         temperature = self.cfg.temperature if temperature is None else temperature
         prompts = [self.tokenizer(p, add_special_tokens=False)["input_ids"]
                    for p in self.prompts(queries, topk, noisy, questions, answers)]
-        texts = []
-        step = len(prompts) if isinstance(self.transport, HTTPTransport) else self.cfg.batch_calls
-        for i in range(0, len(prompts), max(1, step)):  # (the HTTP transport splits its requests itself)
-            texts += self.transport.complete(prompts[i:i + step], topk, self.cfg.max_new_tokens, temperature,
-                                             self.cfg.top_p)
+        texts = self.transport.complete(prompts, topk, self.cfg.max_new_tokens, temperature, self.cfg.top_p)
         self.calls += len(prompts)
         return texts
 
@@ -196,7 +197,7 @@ def engine_for(profile, finetuned: bool = True, variant: str | None = None, load
         transport = HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls)
         return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
     model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
-    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm)
+    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm, cfg.batch_calls)
     return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
 
 
