@@ -25,9 +25,16 @@ from zslib import backends, serve_simulator, simulator, trainer
 from zslib.config import RolloutConfig, load_profile
 from zslib.prompts import render_policy_prompt
 from zslib.rollout import STOP_STRINGS, engine_search_fn, parse_action, rollout
-from zslib.vllm_backend import VLLMBackend
+from zslib.vllm_backend import VLLMBackend, shutdown_engines
 
 CFG = RolloutConfig(max_turns=2, max_tokens_per_turn=40, max_obs_tokens=96)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engines_stopped_at_the_end():
+    """The shared engines stop with this module, and the process exits cleanly after them."""
+    yield
+    shutdown_engines()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ tied output layer after a weight load (``WeightSync``).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import json
@@ -128,12 +129,18 @@ def _engine(model, tokenizer, cfg) -> tuple[dict, bool]:
     tokenizer.save_pretrained(folder)
     llm = LLM(model=str(folder), tokenizer=str(folder), worker_extension_cls="zslib.vllm_backend.WeightSync",
               **engine_args(cfg, dtype))
+    if not _ENGINES:
+        # Stop the engines while the interpreter is whole: left to vLLM's finalizers at exit, the
+        # engine process dies first and the C++ side can abort the process (exit 134) after a run.
+        atexit.unregister(shutdown_engines)
+        atexit.register(shutdown_engines)
     _ENGINES[key] = {"llm": llm, "owner": None, "dir": folder}
     return _ENGINES[key], True
 
 
 def shutdown_engines() -> None:
     """Stop every shared engine (their processes and memory)."""
+    import gc
     import shutil
     for entry in _ENGINES.values():
         try:
@@ -141,6 +148,7 @@ def shutdown_engines() -> None:
         finally:
             shutil.rmtree(entry["dir"], ignore_errors=True)
     _ENGINES.clear()
+    gc.collect()
 
 
 class VLLMBackend:
