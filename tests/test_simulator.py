@@ -92,7 +92,6 @@ def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path
     out = tmp_path / "sim"
     result = simulator.train_simulator(P, labeling.sft_rows(pairs, tokenizer, 30), out)
     assert (out / ("adapter_config.json" if lora else "config.json")).exists()
-    assert len(result["history"]) == 0 or result["history"][-1]["step"] <= 4
     expected_trainable = sum(p.numel() for p in model.parameters())
     assert (result["trainable"] < expected_trainable / 2) == lora, "LoRA trains a small share of the weights"
     tuned, tok = simulator.load_simulator(P, finetuned=True, device="cpu", path=out)
@@ -100,6 +99,35 @@ def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path
     ids = tok("Doc 1(Title: Xo)", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert not torch.allclose(tuned(ids).logits, model.eval()(ids).logits), "training changed the weights"
+
+
+def test_sft_without_gradient_checkpointing_trains_the_same_weights(tokenizer, tmp_path):
+    """Turning checkpointing off (the tiny profile) only skips the recomputation: same weights after 3 steps."""
+    import torch
+    from safetensors.torch import load_file
+
+    from zslib import config, labeling, simulator, tiny
+
+    base = tmp_path / "base"
+    tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+                                           num_kv_heads=1), seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
+              "docs": [["Xo", f"Xo{i} was born in Tavin."]] * 2, "useful": i % 2 == 0, "source": "trajectory"}
+             for i in range(12)]
+    weights = {}
+    for checkpointing in (True, False):
+        P = config.load_profile("tiny", {"simulator.lora": False, "simulator.max_steps": 3, "simulator.batch_size": 4,
+                                         "simulator.lr": 1e-2, "simulator.bf16": False,
+                                         "simulator.gradient_checkpointing": checkpointing})
+        P.models.simulator = str(base)
+        simulator.train_simulator(P, labeling.sft_rows(pairs, tokenizer, 30), tmp_path / str(checkpointing))
+        weights[checkpointing] = load_file(str(tmp_path / str(checkpointing) / "model.safetensors"))
+    start = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(weights[True][name], start[name]), "three steps at lr 1e-2 moved the weights"
+    for key, value in weights[True].items():
+        torch.testing.assert_close(weights[False][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_simulator_search_fn_passes_each_rows_question_answer_and_noisy_draw():

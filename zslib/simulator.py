@@ -239,7 +239,8 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, max_length=cfg.max_length, completion_only_loss=True,
         lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10, save_strategy="no", report_to=[],
-        use_cpu=not on_gpu, bf16=cfg.bf16, pad_to_multiple_of=64, seed=profile.seed, dataloader_num_workers=0)
+        use_cpu=not on_gpu, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        pad_to_multiple_of=8, seed=profile.seed, dataloader_num_workers=0)
     peft_config = None
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
