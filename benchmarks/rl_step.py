@@ -4,6 +4,7 @@ and the projected time of the notebook's whole training run, validations include
 at most 10 minutes on 2 cores). Needs notebooks 00-03's models.
 
     .venv/bin/python benchmarks/rl_step.py [--profile tiny] [--steps 10] [--algorithm grpo] [--engine simulator]
+                                           [-p key=value ...]   # e.g. -p rl.bf16_autocast=true
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import torch
 
 from zslib import config, trainer
+from zslib.pipeline import parse_overrides
 
 
 def main() -> None:
@@ -24,9 +26,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--algorithm", default=None, help="override rl.algorithm")
     ap.add_argument("--engine", default=None, help="override rl.engine")
+    ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a profile override, as in the pipeline CLI")
     args = ap.parse_args()
     torch.set_num_threads(2)
     overrides = {f"rl.{k}": v for k, v in (("algorithm", args.algorithm), ("engine", args.engine)) if v}
+    overrides.update(parse_overrides(args.overrides))
     P = config.load_profile(args.profile, overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         t = trainer.RLTrainer(P, run_dir)

@@ -16,7 +16,7 @@ world the profile's (``world.seed`` stays) and everything else built from its se
   and fine-tuned simulator and skip notebooks 01-03. The simulator is one model that every policy trains
   against, its bars are checked once, and sharing it saves about 30 of the 60 minutes of a run on 2 cores.
   The table marks its figures "shared". The bf16-off run then differs from seed 0 in its policy base
-  (``tiny.bf16_autocast``) only: RL on the tiny profile runs in fp32 anyway (``rl.bf16_autocast: false``).
+  (``tiny.bf16_autocast``) and its RL (``rl.bf16_autocast``), both in fp32.
 
 Notebooks run breadth-first (00 of every run, then 01, ...), so a shared simulator exists before the first RL
 run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is

@@ -9,7 +9,8 @@ The simulator is told the gold answer (docs/method.md §5), and notebook 02's ``
 documents useful only when they hold it (``labeling.evidence``, off by default, changes that). So for a 2-hop question's first hop, which a real engine
 answers with the bridge entity alone, the simulator tends to write the final answer in. One search
 then pays against the simulator but never against BM25, which is what RL learns from (docs/results.md,
-"What RL does to 2-hop questions"). Needs notebooks 00 and 03.
+"What RL does to 2-hop questions"). ``simulator.hop_hints`` tells it the bridge entity for a first hop
+instead; the third engine row measures that. Needs notebooks 00 and 03.
 
     .venv/bin/python benchmarks/simulator_hops.py [--profile tiny] [--questions 128]
 """
@@ -44,7 +45,9 @@ def main() -> None:
     sim = simulator.engine_for(P)
     search_fns = {"bm25": rollout.engine_search_fn(bm25, P.search.topk),  # k as in RL for each engine
                   "simulator, useful": simulator.simulator_search_fn(sim, P.simulator.topk, 0.0,  # noise 0
-                                                                     torch.Generator())}
+                                                                     torch.Generator()),
+                  "simulator, useful, hop hints": simulator.simulator_search_fn(sim, P.simulator.topk, 0.0,
+                                                                                torch.Generator(), hop_hints=True)}
     print(f"policy base at temperature {P.rollout.temperature}, {args.questions} training questions per row\n")
     print("| questions | engine | EM | searches/q | EM, 1 search | EM, 2+ searches | first search's docs hold the answer |")
     print("|---|---|---|---|---|---|---|")

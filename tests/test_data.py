@@ -54,6 +54,28 @@ def test_tiny_world_keeps_metadata(tiny_world):
     assert {"hops", "relation", "subject", "supporting_titles"} <= set(ds.column_names)
 
 
+def test_two_hop_questions_carry_their_hop_answers(tiny_world):
+    ds = load_qa("tiny", "test", tiny_world["dir"]).to_list()
+    by_name = {e["name"]: e for e in tiny_world["entities"]}
+    two_hop = [r for r in ds if r["hops"] == 2]
+    assert two_hop and all(r["hop_answers"] == [] for r in ds if r["hops"] == 1)
+    for r in two_hop:
+        bridge, final = r["hop_answers"]
+        first, second = r["relation"].split("/")
+        # the bridge is the subject's fact for the first relation, the answer the bridge's for the second
+        assert by_name[r["subject"]]["facts"][first] == bridge and by_name[bridge]["facts"][second] == final
+        assert r["golden_answers"] == [final]
+
+
+@pytest.mark.parametrize("hops,message", [("Masa", "list of non-empty strings"), (["Bridge", ""], "non-empty"),
+                                          (["Bridge", "Elsewhere"], "end with a gold answer")])
+def test_malformed_hop_answers_name_the_row(tmp_path, hops, message):
+    f = _write(tmp_path / "test.jsonl", [{"question": "q?", "golden_answers": ["Masa"], "hop_answers": ["B", "Masa"]},
+                                         {"question": "q2?", "golden_answers": ["Masa"], "hop_answers": hops}])
+    with pytest.raises(DataError, match=f"row 2: field 'hop_answers' must .*{message}"):
+        load_qa("mine", "test", f)
+
+
 def test_unknown_dataset_is_an_error():
     with pytest.raises(DataError, match="unknown dataset"):
         load_qa("no-such-set", "test")

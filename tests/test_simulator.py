@@ -130,6 +130,29 @@ def test_sft_without_gradient_checkpointing_trains_the_same_weights(tokenizer, t
         torch.testing.assert_close(weights[False][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_sft_grouped_by_length_pads_less_than_random_batches(tokenizer, tmp_path):
+    from zslib import config, labeling, simulator, tiny
+
+    base = tmp_path / "base"
+    tiny.build_model(tokenizer, TinyConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                           num_kv_heads=1), seed=0).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    # Half the completions 1 short document, half 6 long ones: random batches of 4 mostly mix them.
+    pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
+              "docs": [["Xo", f"Xo{i} was born in Tavin." * (1 if i % 2 else 12)]] * (1 if i % 2 else 6),
+              "useful": True, "source": "trajectory"} for i in range(64)]
+    rows = labeling.sft_rows(pairs, tokenizer, 30)
+    tokens = {}
+    for grouped in (False, True):
+        P = config.load_profile("tiny", {"simulator.max_steps": 8, "simulator.batch_size": 4, "simulator.bf16": False,
+                                         "simulator.group_by_length": grouped, "simulator.max_length": 2048})
+        P.models.simulator = str(base)
+        tokens[grouped] = simulator.train_simulator(P, rows, tmp_path / str(grouped))["padded_tokens"]
+    lengths = sorted(len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) for r in rows)
+    assert tokens[True] >= 8 * 4 * lengths[0]
+    assert tokens[True] < 0.8 * tokens[False], tokens
+
+
 def test_simulator_search_fn_passes_each_rows_question_answer_and_noisy_draw():
     import torch
 
@@ -148,6 +171,43 @@ def test_simulator_search_fn_passes_each_rows_question_answer_and_noisy_draw():
         assert flags == expected and engine.seen == (["xo", "y"], 3, expected, ["Where was Xo born?", "Who wrote Y?"],
                                                      ["Tavin", "Mern"])
         assert docs == [[Doc("xo", "x")], [Doc("y", "x")]]
+
+
+def test_hop_answer_follows_the_hop_the_query_names():
+    from zslib.simulator import hop_answer
+
+    hops = ["Teabe College", "Masa"]  # "In which city did X study?": X -> Teabe College -> Masa
+    assert hop_answer("where did Paibrios Miorol study", "Masa", hops) == "Teabe College"
+    assert hop_answer("In which city is Teabe College?", "Masa", hops) == "Masa"
+    assert hop_answer("teabe college city", "Masa", hops) == "Masa"  # normalised: case, punctuation
+    assert hop_answer("Teabe Collegeville city", "Masa", hops) == "Teabe College"  # whole words only
+    assert hop_answer("anything", "Masa", []) == "Masa"  # no hop answers: the final answer
+    assert hop_answer("anything", "Masa", ["Masa"]) == "Masa"
+    three = ["A Bo", "C Do", "E"]  # each hop names the previous hop's answer
+    assert [hop_answer(q, "E", three) for q in ("x", "about a bo", "c do", "a bo and c do")] == \
+        ["A Bo", "C Do", "E", "E"]
+
+
+def test_simulator_search_fn_with_hop_hints_tells_each_call_its_hop_answer():
+    import torch
+
+    from zslib.rollout import Trajectory
+    from zslib.simulator import simulator_search_fn
+
+    class Recorder:
+        def search(self, queries, topk, noisy, questions, answers):
+            self.answers = answers
+            return [[] for _ in queries], [True] * len(queries)
+
+    engine = Recorder()
+    two_hop = Trajectory("In which city did Xo study?", ["Masa"], hop_answers=["Teabe College", "Masa"])
+    one_hop = Trajectory("Where did Xo study?", ["Teabe College"])
+    queries = ["where did xo study", "city of teabe college", "where did xo study"]
+    trajs = [two_hop, two_hop, one_hop]
+    simulator_search_fn(engine, 3, 0.0, torch.Generator(), hop_hints=True)(queries, trajs)
+    assert engine.answers == ["Teabe College", "Masa", "Teabe College"]
+    simulator_search_fn(engine, 3, 0.0, torch.Generator())(queries, trajs)  # off: the original's final answer
+    assert engine.answers == ["Masa", "Masa", "Teabe College"]
 
 
 def test_evaluate_engine_counts_answers_per_kind_and_parse_rate():

@@ -221,3 +221,26 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         trainer._keep_until(path, 2)
     assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n', "nothing is lost on error"
+
+
+def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy_dir, protocol_model, bm25,
+                                                                         monkeypatch):
+    rows = protocol_model[1]
+    two_hop = [{"question": "In which city did Xo study?", "golden_answers": ["Masa"], "id": "dev_2"}]
+    monkeypatch.setattr(trainer, "two_hop_validation_questions", lambda profile: two_hop)
+    t = trainer.RLTrainer(_profile(policy_dir, engine="bm25", validate_every=1, validation_two_hop=True),
+                          questions=rows, validation=rows[:2], bm25=bm25)
+    # Scripted scores per step: step 1 is better on 1-hop, step 2 on the mean of both kinds.
+    script = {(1, 2): 0.8, (1, 1): 0.0, (2, 2): 0.6, (2, 1): 0.4}
+    monkeypatch.setattr(trainer, "greedy_with_engine", lambda model, tok, qs, *a, **k: {
+        "em": script[(t.step_count, len(qs))], "f1": 0.0, "searches_per_question": 1.5 if len(qs) == 2 else 2.0,
+        "n": len(qs)})
+    seen = []
+    for step in (1, 2):
+        t.step_count = step
+        seen.append(t.validate())
+    assert [v["val_em"] for v in seen] == [pytest.approx(0.4), pytest.approx(0.5)]
+    assert [(v["val_em_1hop"], v["val_em_2hop"]) for v in seen] == [(0.8, 0.0), (0.6, 0.4)]
+    assert seen[0]["val_search_calls"] == 3 + 2  # 1.5 searches x 2 one-hop questions, 2 x 1 two-hop one
+    assert t.best_validation == (pytest.approx(0.5), 2)
+    assert [p.name for p in t.best_dir.iterdir()] == ["step-000002"]

@@ -179,7 +179,13 @@ class SimulatorConfig:
     # Recompute activations in the backward pass (TRL's default): memory for time, worth it for a Qwen3
     # simulator on a GPU; the tiny profile turns it off (its SFT steps run 1.26x faster without).
     gradient_checkpointing: bool = True
+    # Batches of similar lengths (transformers' LengthGroupedSampler): less padding, a little less random order.
+    group_by_length: bool = False
     eval_triples: int = 200       # held-out (question, answer, query) triples for notebook 03
+    # In RL, tell the simulator the answer of the hop a query asks about (the bridge entity until the
+    # query names it), for questions whose data records ``hop_answers``; False: the final answer, as
+    # the original does, which lets one search answer a 2-hop question against the simulator only.
+    hop_hints: bool = False
     batch_calls: int = 32         # simulated searches per generate call (per HTTP request with serve: http)
     serve: str = "inprocess"      # inprocess: generate in this process; http: call the simulator server
     url: str = "http://127.0.0.1:8001/v1"  # with serve: http, an OpenAI-compatible server (python -m zslib.serve_simulator)
@@ -232,13 +238,14 @@ class RLConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     critic_model: str | None = None   # PPO critic backbone; None: a copy of the policy base
-    bf16_autocast: bool = False       # log-probs and updates under bf16 autocast (GPU profiles; slower on this CPU)
+    bf16_autocast: bool = False       # log-probs and updates under bf16 autocast (GPU profiles; the tiny one: 1.5x faster steps)
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     samples_per_step: int = 2         # trajectories written to samples.jsonl each step
     eval_size: int = 300              # held-out questions for the final greedy evaluation
     validate_every: int = 0           # > 0: greedy EM with the real engine every this many steps (and at the end)
     validation_size: int = 200        # validation questions: the held-out split's last ones, never evaluated on
+    validation_two_hop: bool = False  # also validate on the dev split's 2-hop questions; val_em is then the mean of both kinds
     keep_best: bool = True            # with validation: the saved policy is the best-validated step's, not the last
 
 

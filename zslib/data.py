@@ -4,6 +4,8 @@ Sources, tried in this order:
 - ``path``: a JSONL or parquet file, or a folder holding ``<split>.jsonl`` / ``<split>.parquet``;
 - ``"tiny"``: the synthetic world written by notebook 00 (keeps its metadata columns:
   ``hops``, ``relation``, ``subject``, ``supporting_titles``);
+- any source may give a multi-hop question ``hop_answers``: each hop's answer, the last a gold one
+  (the tiny world's 2-hop questions do; ``simulator.hop_hints`` uses them);
 - a FlashRAG name (nq, triviaqa, popqa, hotpotqa, 2wikimultihopqa, musique, bamboogle): the
   hub's ``RUC-NLPIR/FlashRAG_datasets`` when online.
 
@@ -64,8 +66,23 @@ def normalize_rows(rows: list[dict], source: str, name: str, split: str) -> list
         if name == "tiny":
             for k in TINY_EXTRA:
                 item[k] = row[k]
+        if row.get("hop_answers") is not None:
+            item["hop_answers"] = _hop_answers(row["hop_answers"], item["golden_answers"], where)
         out.append(item)
+    if any("hop_answers" in item for item in out):  # one column for all rows (from_list reads the first row's keys)
+        for item in out:
+            item.setdefault("hop_answers", [])
     return out
+
+
+def _hop_answers(value, golden: list[str], where: str) -> list[str]:
+    """The optional ``hop_answers`` field of a multi-hop question: each hop's answer in order, the
+    last one a gold answer (the tiny world's 2-hop questions: [bridge entity, answer])."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) and a.strip() for a in value):
+        raise DataError(f"{where}: field 'hop_answers' must be a list of non-empty strings, got {value!r}")
+    if value and value[-1].strip() not in golden:
+        raise DataError(f"{where}: field 'hop_answers' must end with a gold answer, got {value!r}")
+    return [a.strip() for a in value]
 
 
 def _local_file(path: Path, split: str) -> Path:

@@ -85,6 +85,18 @@ def validation_questions(profile, n: int, evaluated: int) -> list[dict]:
     return rows[-n:]
 
 
+def two_hop_validation_questions(profile) -> list[dict]:
+    """The 2-hop questions of the first evaluation set's dev split (the test split's all go to the
+    final evaluation), for validating on both kinds; [] for datasets without hop counts."""
+    from .data import load_for_profile
+
+    try:
+        rows = load_for_profile(profile, profile.data.eval_sets[0], "dev").to_list()
+    except Exception as e:  # a set without a dev split: say so, rather than validate on 1-hop alone
+        raise ValueError(f"rl.validation_two_hop needs a dev split of {profile.data.eval_sets[0]!r}: {e}") from None
+    return [r for r in rows if r.get("hops", 1) == 2]
+
+
 def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc: str = "evaluate",
                        backend=None) -> dict:
     """A policy's greedy scores with a real engine (validation never uses the simulator, docs/method.md §7).
@@ -284,7 +296,7 @@ def write_results(out_dir: str | Path, rows: list[dict], preds: list[dict]) -> d
 def cost_summary(profile, runs: dict[str, list[dict]], trajectories: list[dict], api_price_per_1000: float,
                  gpu_price_per_hour: float) -> dict:
     """What the run's searches cost: real-engine calls made by collection (``trajectories``) and by
-    validation (every run's ``val_searches_per_question`` × ``rl.validation_size``), the calls RL made
+    validation (every run's ``val_search_calls``), the calls RL made
     to the simulator instead (all runs trained against it), and those calls priced both ways: through a
     paid API at ``api_price_per_1000``, and as the simulator's own seconds at ``gpu_price_per_hour``
     (on this machine the seconds are CPU seconds: the price is then what the same work would be billed
@@ -293,7 +305,9 @@ def cost_summary(profile, runs: dict[str, list[dict]], trajectories: list[dict],
     sim_seconds, tokens_logged = 0.0, False
     for metrics in runs.values():
         for m in metrics:
-            if m.get("val_searches_per_question") is not None:
+            if m.get("val_search_calls") is not None:
+                val_calls += m["val_search_calls"]
+            elif m.get("val_searches_per_question") is not None:  # runs logged before val_search_calls
                 val_calls += round(m["val_searches_per_question"] * profile.rl.validation_size)
             if "simulator_seconds" in m and m.get("simulator_seconds", 0) > 0:
                 calls = m.get("search_calls", round(m["searches_per_answer"] * profile.rl.questions_per_step

@@ -145,10 +145,11 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10, title: str 
 
 
 RL_PANELS = {("reward_mean", "em", "f1"): "training reward, EM and F1 (per step)",
-             ("val_em",): "validation EM (greedy, real engine)",
+             ("val_em", "val_em_1hop", "val_em_2hop"): "validation EM (greedy, real engine)",
              ("searches_per_answer",): "searches per rollout",
              ("kl", "entropy"): "KL to the reference and entropy (nats)"}
-KEY_NAMES = {"reward_mean": "reward", "em": "EM", "f1": "F1", "val_em": "validation EM", "kl": "KL",
+KEY_NAMES = {"reward_mean": "reward", "em": "EM", "f1": "F1", "val_em": "validation EM", "val_em_1hop": "1-hop",
+             "val_em_2hop": "2-hop", "kl": "KL",
              "entropy": "entropy", "searches_per_answer": "searches", "invalid_action_rate": "invalid actions",
              "response_tokens": "tokens", "equal_reward_groups": "equal groups"}
 

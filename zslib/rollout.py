@@ -40,6 +40,7 @@ class Trajectory:
     invalid_actions: int = 0
     done: bool = False
     sampled_logprobs: list[float] = field(default_factory=list)  # per generated token, when the backend returns them (vLLM)
+    hop_answers: list[str] = field(default_factory=list)    # a multi-hop question's answer per hop, when its data has them
 
     def extend(self, ids: list[int], from_policy: bool) -> None:
         self.token_ids += ids
@@ -73,7 +74,7 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
     temperature = cfg.temperature if temperature is None else temperature
     trajs = []
     for i, row in enumerate(rows):
-        t = Trajectory(row["question"], list(row["golden_answers"]))
+        t = Trajectory(row["question"], list(row["golden_answers"]), hop_answers=list(row.get("hop_answers") or []))
         text = prompts[i] if prompts is not None else render_policy_prompt(tokenizer, row["question"], enable_thinking)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         t.extend(prompt_ids, from_policy=False)

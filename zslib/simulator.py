@@ -201,12 +201,27 @@ def engine_for(profile, finetuned: bool = True, variant: str | None = None, load
     return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
 
 
-def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator):
-    """The rollout hook for RL: one independent noisy draw per search call (docs/method.md §7)."""
+def hop_answer(query: str, golden: str, hop_answers: list[str]) -> str:
+    """The answer useful documents for ``query`` should state. A multi-hop question's hop ``i``
+    asks about hop ``i-1``'s answer, so the query's hop is the last one whose previous answer it
+    names (the first hop when it names none); without ``hop_answers``, the gold answer."""
+    if len(hop_answers) < 2:
+        return golden
+    text = f" {normalize_answer(query)} "
+    hop = max([i for i in range(1, len(hop_answers)) if f" {normalize_answer(hop_answers[i - 1])} " in text],
+              default=0)
+    return hop_answers[hop]
+
+
+def simulator_search_fn(engine: SimulatedEngine, topk: int, noise_probability: float, rng: torch.Generator,
+                        hop_hints: bool = False):
+    """The rollout hook for RL: one independent noisy draw per search call (docs/method.md §7).
+    ``hop_hints``: the simulator is told each query's hop answer (``hop_answer``), not the final one."""
     def search_fn(queries, trajs):
         noisy = draw_noisy(len(queries), noise_probability, rng)
-        docs = engine.search(queries, topk, noisy=noisy, questions=[t.question for t in trajs],
-                             answers=[t.golden_answers[0] for t in trajs])
+        answers = [hop_answer(q, t.golden_answers[0], t.hop_answers) if hop_hints else t.golden_answers[0]
+                   for q, t in zip(queries, trajs)]
+        docs = engine.search(queries, topk, noisy=noisy, questions=[t.question for t in trajs], answers=answers)
         return docs, noisy
     return search_fn
 
@@ -217,8 +232,9 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     """Fine-tune the simulator base on prompt/completion rows with TRL's ``SFTTrainer``.
 
     Loss is on the completion only (the documents). With ``simulator.lora`` the LoRA adapter is
-    saved, otherwise the full weights; both load with ``load_simulator``. Returns the log history,
-    also written to ``<out_dir>/sft.loss.jsonl`` for the plots.
+    saved, otherwise the full weights; both load with ``load_simulator``. Returns the log history
+    (also written to ``<out_dir>/sft.loss.jsonl`` for the plots), the trainable parameter count and
+    the tokens the steps processed, padding included.
     """
     from datasets import Dataset
     from peft import LoraConfig
@@ -240,7 +256,9 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
         max_steps=cfg.max_steps, max_length=cfg.max_length, completion_only_loss=True,
         lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=10, save_strategy="no", report_to=[],
         use_cpu=not on_gpu, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
-        pad_to_multiple_of=8, seed=profile.seed, dataloader_num_workers=0)
+        pad_to_multiple_of=8, seed=profile.seed, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        include_num_input_tokens_seen="all")  # padded tokens: what the steps cost
     peft_config = None
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
@@ -253,7 +271,8 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     tokenizer.save_pretrained(str(out_dir))
     history = [r for r in trainer.state.log_history if "loss" in r]
     (out_dir / "sft.loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    return {"history": history, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+    return {"history": history, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "padded_tokens": trainer.state.num_input_tokens_seen}
 
 
 def load_simulator(profile, finetuned: bool = True, device: str | None = None, path: str | Path | None = None):

@@ -35,7 +35,7 @@ from . import algos
 from .backends import backend_for
 from .curriculum import noise_probability
 from .data import sample_questions, write_text_atomic
-from .evaluate import greedy_with_engine, validation_questions
+from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
 from .models import quiet_loading
 from .reward import exact_match, extract_answer, f1_score, format_reward
 from .progress import tqdm
@@ -269,6 +269,7 @@ class RLTrainer:
         self.questions = questions
         if cfg.validate_every > 0:  # validation always uses the real engine (docs/method.md §7)
             self.validation = validation or validation_questions(profile, cfg.validation_size, cfg.eval_size)
+            self.validation_two_hop = two_hop_validation_questions(profile) if cfg.validation_two_hop else []
             self.real_engine = self.engine if cfg.engine != "simulator" else (
                 bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25"))
         self.best_validation = None  # (val_em, step) of the weights in best/
@@ -311,7 +312,8 @@ class RLTrainer:
         group_ids = torch.arange(len(picked)).repeat_interleave(cfg.group_size)
         p_noise = self.noise_probability(step) if cfg.engine == "simulator" else 0.0
         if cfg.engine == "simulator":
-            inner = simulator_search_fn(self.engine, self.topk, p_noise, self.noise_rng)
+            inner = simulator_search_fn(self.engine, self.topk, p_noise, self.noise_rng,
+                                        self.profile.simulator.hop_hints)
         else:
             inner = engine_search_fn(self.engine, self.topk)
 
@@ -412,23 +414,32 @@ class RLTrainer:
         return metrics
 
     def validate(self) -> dict:
-        """Greedy scores on the validation questions with the real engine. A new best EM (ties go to
-        the earlier step) saves the policy (or adapter) to ``best/step-N/``; the previous best is
-        removed only once the new one is complete."""
+        """Greedy scores on the validation questions with the real engine; with 2-hop validation
+        questions, ``val_em`` is the mean of the 1-hop and 2-hop EMs, so a step that trades one kind
+        for the other is not kept. A new best ``val_em`` (ties go to the earlier step) saves the policy
+        (or adapter) to ``best/step-N/``; the previous best is removed only once the new one is complete."""
         scores = greedy_with_engine(self.policy, self.tokenizer, self.validation, self.real_engine,
                                     self.profile, desc="validation", backend=self.backend)
-        if self.best_validation is None or scores["em"] > self.best_validation[0]:
-            self.best_validation = (scores["em"], self.step_count)
+        out = {"val_em": scores["em"], "val_f1": scores["f1"],
+               "val_searches_per_question": scores["searches_per_question"],
+               "val_search_calls": round(scores["searches_per_question"] * scores["n"])}
+        if self.validation_two_hop:
+            two = greedy_with_engine(self.policy, self.tokenizer, self.validation_two_hop, self.real_engine,
+                                     self.profile, desc="validation, 2-hop", backend=self.backend)
+            out.update({"val_em_1hop": scores["em"], "val_em_2hop": two["em"], "val_em": (scores["em"] + two["em"]) / 2,
+                        "val_searches_per_question_2hop": two["searches_per_question"],
+                        "val_search_calls": out["val_search_calls"] + round(two["searches_per_question"] * two["n"])})
+        if self.best_validation is None or out["val_em"] > self.best_validation[0]:
+            self.best_validation = (out["val_em"], self.step_count)
 
             def write(folder: Path) -> None:
                 self.policy.save_pretrained(str(folder))
-                (folder / "validation.json").write_text(json.dumps({"step": self.step_count, "val_em": scores["em"]}))
+                (folder / "validation.json").write_text(json.dumps({"step": self.step_count, "val_em": out["val_em"]}))
 
             _write_folder(self.best_dir / f"step-{self.step_count:06d}", write)
             for old in _complete_folders(self.best_dir)[:-1]:
                 shutil.rmtree(old)
-        return {"val_em": scores["em"], "val_f1": scores["f1"],
-                "val_searches_per_question": scores["searches_per_question"]}
+        return out
 
     def use_best_policy(self) -> dict | None:
         """With ``keep_best`` and validation: load the best-validated weights into the policy and

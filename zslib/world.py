@@ -218,7 +218,8 @@ def make_questions(world: dict, cfg: WorldConfig) -> dict[str, list[dict]]:
             out[split_of[e["name"]]].append({
                 "question": template.format(s=e["name"]), "golden_answers": [bridge["facts"][r2]],
                 "hops": 2, "relation": f"{r1}/{r2}", "subject": e["name"],
-                "supporting_titles": [e["name"], bridge_name]})
+                "supporting_titles": [e["name"], bridge_name],
+                "hop_answers": [bridge_name, bridge["facts"][r2]]})  # what each hop's search should find
     for split, rows in out.items():
         rng.shuffle(rows)
         for i, row in enumerate(rows):
