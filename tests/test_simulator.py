@@ -101,17 +101,23 @@ def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path
         assert not torch.allclose(tuned(ids).logits, model.eval()(ids).logits), "training changed the weights"
 
 
+def _saved_base(tokenizer, folder, **sizes):
+    """A small simulator base saved with its tokenizer, for SFT to load by path."""
+    from zslib import tiny
+
+    tiny.build_model(tokenizer, TinyConfig(num_heads=2, num_kv_heads=1, **sizes), seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_sft_without_gradient_checkpointing_trains_the_same_weights(tokenizer, tmp_path):
     """Turning checkpointing off (the tiny profile) only skips the recomputation: same weights after 3 steps."""
     import torch
     from safetensors.torch import load_file
 
-    from zslib import config, labeling, simulator, tiny
+    from zslib import config, labeling, simulator
 
-    base = tmp_path / "base"
-    tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-                                           num_kv_heads=1), seed=0).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = _saved_base(tokenizer, tmp_path / "base", hidden_size=64, intermediate_size=128, num_layers=2)
     pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
               "docs": [["Xo", f"Xo{i} was born in Tavin."]] * 2, "useful": i % 2 == 0, "source": "trajectory"}
              for i in range(12)]
@@ -131,12 +137,9 @@ def test_sft_without_gradient_checkpointing_trains_the_same_weights(tokenizer, t
 
 
 def test_sft_grouped_by_length_pads_less_than_random_batches(tokenizer, tmp_path):
-    from zslib import config, labeling, simulator, tiny
+    from zslib import config, labeling, simulator
 
-    base = tmp_path / "base"
-    tiny.build_model(tokenizer, TinyConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                                           num_kv_heads=1), seed=0).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = _saved_base(tokenizer, tmp_path / "base", hidden_size=32, intermediate_size=64, num_layers=1)
     # Half the completions 1 short document, half 6 long ones: random batches of 4 mostly mix them.
     pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
               "docs": [["Xo", f"Xo{i} was born in Tavin." * (1 if i % 2 else 12)]] * (1 if i % 2 else 6),

@@ -244,3 +244,15 @@ def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy
     assert seen[0]["val_search_calls"] == 3 + 2  # 1.5 searches x 2 one-hop questions, 2 x 1 two-hop one
     assert t.best_validation == (pytest.approx(0.5), 2)
     assert [p.name for p in t.best_dir.iterdir()] == ["step-000002"]
+
+
+def test_run_figures_read_the_drop_on_1_hop_validation_and_report_2_hop_apart():
+    plain = [{"step": 5, "val_em": 0.6}, {"step": 6}, {"step": 10, "val_em": 0.8}, {"step": 15, "val_em": 0.7}]
+    assert trainer.run_figures(plain, 0.5, 0.75) == {"em_gain": 0.25, "val_em_drop": pytest.approx(0.1),
+                                                     "val_em_2hop_drop": None}
+    both = [{"step": 5, "val_em": 0.45, "val_em_1hop": 0.6, "val_em_2hop": 0.3},
+            {"step": 10, "val_em": 0.7, "val_em_1hop": 0.9, "val_em_2hop": 0.5},
+            {"step": 15, "val_em": 0.6, "val_em_1hop": 0.95, "val_em_2hop": 0.25}]
+    figures = trainer.run_figures(both, 0.5, 0.9)
+    assert figures["val_em_drop"] == 0.0 and figures["val_em_2hop_drop"] == pytest.approx(0.25)
+    assert trainer.run_figures([], 0.5, 0.5)["val_em_drop"] is None

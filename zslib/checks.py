@@ -46,8 +46,11 @@ FIGURES = {
             "trained minus base greedy EM with the real engine on the held-out 1-hop questions",
             "train longer (rl.steps) or with a larger rl.lr; check the reward curve and the collapse signs"),
         "val_em_drop": (
-            "best validation EM minus the last step's: what the run lost after its best step",
+            "best 1-hop validation EM minus the last step's: what the run lost after its best step",
             "the run collapses: lower rl.lr, raise rl.kl_coef, or lower rl.p_end (see the collapse signs)"),
+        "val_em_2hop_drop": (
+            "best 2-hop validation EM minus the last step's (rl.validation_two_hop)",
+            "more noise undoes 2-hop searching first: lower rl.p_end, or keep rl.keep_best on"),
     },
 }
 
