@@ -50,6 +50,24 @@ def test_validation_questions_are_the_held_out_splits_last_and_never_evaluated(t
         validation_questions(profile, 0, 300)  # rows[-0:] would be every question
 
 
+def test_two_hop_validation_questions_are_the_dev_splits_2_hop_ones(tiny_world, monkeypatch):
+    import datasets
+
+    from zslib import data
+    from zslib.config import load_profile
+    from zslib.evaluate import two_hop_validation_questions
+
+    splits = tiny_world["splits"]
+    asked = []
+    monkeypatch.setattr(data, "load_for_profile", lambda profile, name, split: asked.append(split) or
+                        datasets.Dataset.from_list(splits[split]))
+    rows = two_hop_validation_questions(load_profile("tiny"))
+    assert asked == ["dev"]
+    assert [r["id"] for r in rows] == [r["id"] for r in splits["dev"] if r["hops"] == 2] and rows
+    test_ids = {r["id"] for r in splits["test"]}
+    assert not {r["question"] for r in rows} & {r["question"] for r in splits["test"]} and test_ids
+
+
 def test_heldout_scores_add_the_two_hop_questions_only_where_the_dataset_has_them(tiny_world, monkeypatch):
     import datasets
 

@@ -224,12 +224,11 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
 
 
 def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy_dir, protocol_model, bm25,
-                                                                         monkeypatch):
+                                                                         monkeypatch, tmp_path):
     rows = protocol_model[1]
     two_hop = [{"question": "In which city did Xo study?", "golden_answers": ["Masa"], "id": "dev_2"}]
-    monkeypatch.setattr(trainer, "two_hop_validation_questions", lambda profile: two_hop)
-    t = trainer.RLTrainer(_profile(policy_dir, engine="bm25", validate_every=1, validation_two_hop=True),
-                          questions=rows, validation=rows[:2], bm25=bm25)
+    t = trainer.RLTrainer(_profile(policy_dir, engine="bm25", validate_every=1), tmp_path / "run", questions=rows,
+                          validation=rows[:2], validation_two_hop=two_hop, bm25=bm25)
     # Scripted scores per step: step 1 is better on 1-hop, step 2 on the mean of both kinds.
     script = {(1, 2): 0.8, (1, 1): 0.0, (2, 2): 0.6, (2, 1): 0.4}
     monkeypatch.setattr(trainer, "greedy_with_engine", lambda model, tok, qs, *a, **k: {

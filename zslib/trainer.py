@@ -211,15 +211,17 @@ class RLTrainer:
     with validation the best-validated weights in ``best/``, and at the end the trained ``policy/``."""
 
     def __init__(self, profile, run_dir: str | Path | None = None, questions: list[dict] | None = None,
-                 simulator=None, bm25=None, validation: list[dict] | None = None, engine=None, backend=None):
+                 simulator=None, bm25=None, validation: list[dict] | None = None, engine=None, backend=None,
+                 validation_two_hop: list[dict] | None = None):
         """``engine``: the search engine RL trains against (default: the profile's, ``rl.engine``:
         ``simulator.engine_for`` or BM25); ``backend``: a callable ``(policy, tokenizer) ->
         GenerationBackend`` (default: ``backends.backend_for`` with the profile); so a new engine,
         transport or inference engine needs no change here. ``simulator``: an already loaded
         ``(model, tokenizer)`` to share between runs; ``bm25``: an engine to reuse; ``questions``:
         the training questions (default: the profile's train sets, at most ``max_hops`` hops);
-        ``validation``: the validation questions (default: ``evaluate.validation_questions``), used
-        when ``rl.validate_every > 0``."""
+        ``validation``: the validation questions (default: ``evaluate.validation_questions``, and with
+        ``rl.validation_two_hop`` the dev split's 2-hop ones), used when ``rl.validate_every > 0``;
+        ``validation_two_hop``: with ``validation``, the 2-hop ones to ask too (default none)."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         self.profile, self.cfg = profile, profile.rl
@@ -274,8 +276,11 @@ class RLTrainer:
             questions = [q for q in questions if not cfg.max_hops or q.get("hops", 1) <= cfg.max_hops]
         self.questions = questions
         if cfg.validate_every > 0:  # validation always uses the real engine (docs/method.md §7)
-            self.validation = validation or validation_questions(profile, cfg.validation_size, cfg.eval_size)
-            self.validation_two_hop = two_hop_validation_questions(profile) if cfg.validation_two_hop else []
+            if validation is not None:  # the caller's questions, both kinds
+                self.validation, self.validation_two_hop = validation, list(validation_two_hop or [])
+            else:
+                self.validation = validation_questions(profile, cfg.validation_size, cfg.eval_size)
+                self.validation_two_hop = two_hop_validation_questions(profile) if cfg.validation_two_hop else []
             self.real_engine = self.engine if cfg.engine != "simulator" else (
                 bm25 or make_engine(profile.search, profile.corpus_path, profile.out / "bm25"))
         self.best_validation = None  # (val_em, step) of the weights in best/
