@@ -57,7 +57,8 @@ def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temper
                     desc: str = "evaluate") -> tuple[dict, list]:
     """Roll out every row in batches of ``cfg.batch_size``; returns (scores, trajectories)."""
     trajs = []
-    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, leave=False):  # often nested (validation)
+    batches = range(0, len(rows), cfg.batch_size)  # one batch (a side-by-side question) needs no bar
+    for i in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):  # often nested (validation)
         trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
     return score_trajectories(trajs), trajs
 
