@@ -201,7 +201,8 @@ def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str =
     method.model.eval()
     backend = backend_for(profile, method.model, method.tokenizer)
     trajs = []
-    for i in tqdm(range(0, len(rows), cfg.batch_size), desc=desc, leave=False):
+    batches = range(0, len(rows), cfg.batch_size)
+    for i in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
         chunk = rows[i:i + cfg.batch_size]
         prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny)
         run_cfg = cfg if turns is None else dataclasses.replace(cfg, max_turns=turns)
