@@ -53,12 +53,18 @@ def score_trajectories(trajs) -> dict:
     }
 
 
+def _batch_starts(n: int, size: int, desc: str):
+    """Batch offsets with a transient progress bar (often nested, as in validation); a single batch
+    (a side-by-side question) draws none."""
+    starts = range(0, n, size)
+    return tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
+
+
 def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temperature: float,
                     desc: str = "evaluate") -> tuple[dict, list]:
     """Roll out every row in batches of ``cfg.batch_size``; returns (scores, trajectories)."""
     trajs = []
-    batches = range(0, len(rows), cfg.batch_size)  # one batch (a side-by-side question) needs no bar
-    for i in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):  # often nested (validation)
+    for i in _batch_starts(len(rows), cfg.batch_size, desc):
         trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
     return score_trajectories(trajs), trajs
 
@@ -201,8 +207,7 @@ def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str =
     method.model.eval()
     backend = backend_for(profile, method.model, method.tokenizer)
     trajs = []
-    batches = range(0, len(rows), cfg.batch_size)
-    for i in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+    for i in _batch_starts(len(rows), cfg.batch_size, desc):
         chunk = rows[i:i + cfg.batch_size]
         prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny)
         run_cfg = cfg if turns is None else dataclasses.replace(cfg, max_turns=turns)
