@@ -66,3 +66,37 @@ def test_every_shipped_profile_loads():
 def test_out_of_range_serving_settings_fail_at_load_time(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_profile("tiny", {key: value})
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_bf16_follows_the_machine_and_explicit_values_stay(monkeypatch, fast):
+    from zslib import config, models
+    monkeypatch.setattr(models, "fast_bf16", lambda device: (fast, "stand-in"))
+    p = load_profile("tiny")  # tiny.bf16_autocast and simulator.bf16 by default, rl.bf16_autocast in tiny.yaml
+    assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (fast, fast, fast)
+    p = load_profile("tiny", {"tiny.bf16_autocast": True, "simulator.bf16": False, "rl.bf16_autocast": True})
+    assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (True, False, True)
+    line = config.describe(p, "tiny", "rl").splitlines()[-1]
+    assert line == "precision: tiny.bf16_autocast=True, rl.bf16_autocast=True (stand-in)"
+
+
+@pytest.mark.parametrize("key", ["tiny.bf16_autocast", "simulator.bf16", "rl.bf16_autocast"])
+def test_a_bf16_switch_other_than_true_false_or_auto_is_named(key):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be true, false or auto, not 'yes'"):
+        load_profile("tiny", {key: "yes"})
+
+
+def test_fast_bf16_agrees_with_the_cpu_flags():
+    """Independent of torch: bf16 kernels need AVX512 (BW) or AMX on x86; a CPU with AVX512-BF16 has them."""
+    from pathlib import Path
+
+    from zslib.models import fast_bf16
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split()) if info.exists() else set()
+    if "avx2" not in flags:
+        pytest.skip("not an x86 Linux machine: no /proc/cpuinfo flags to compare with")
+    fast, why = fast_bf16("cpu")
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        assert fast, why
+    if not {"avx512bw", "amx_bf16"} & flags:
+        assert not fast, why

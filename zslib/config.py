@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 
 
+def bf16_setting(value, key: str, device: str | None = None) -> bool:
+    """A bf16-autocast switch: ``true`` or ``false`` as given; ``auto``: on where bf16 is fast on
+    ``device`` (default: the GPU if there is one, else the CPU), off elsewhere (``models.fast_bf16``)."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"{key} must be true, false or auto, not {value!r}")
+    from .models import default_device, fast_bf16
+    return fast_bf16(device or default_device())[0]
+
+
 class ConfigError(ValueError):
     pass
 
@@ -88,7 +99,12 @@ class TinyConfig:
     batch_tokens: int = 4096         # tokens per optimizer step (padded)
     lr: float = 2e-3
     warmup_steps: int = 30
-    bf16_autocast: bool = True       # 1.7x faster on CPUs with AVX512-BF16
+    # auto: on where the CPU has bf16 kernels (1.7x faster with AVX512-BF16), fp32 elsewhere (an AVX2 CPU
+    # emulates bf16: a training step of these models took 24x longer than in fp32).
+    bf16_autocast: bool | str = "auto"
+
+    def __post_init__(self):
+        self.bf16_autocast = bf16_setting(self.bf16_autocast, "tiny.bf16_autocast", "cpu")  # the bases train on the CPU
 
 
 @dataclass
@@ -175,7 +191,7 @@ class SimulatorConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
-    bf16: bool = True             # bf16 autocast, on the CPU too (about 1.8x faster with AVX512-BF16)
+    bf16: bool | str = "auto"     # bf16 autocast; auto: where it is fast (a GPU, or a CPU with bf16 kernels: 1.8x faster)
     # Recompute activations in the backward pass (TRL's default): memory for time, worth it for a Qwen3
     # simulator on a GPU; the tiny profile turns it off (its SFT steps run 1.26x faster without).
     gradient_checkpointing: bool = True
@@ -195,6 +211,7 @@ class SimulatorConfig:
     threads: int = 4              # HTTP requests in flight at once
 
     def __post_init__(self):
+        self.bf16 = bf16_setting(self.bf16, "simulator.bf16")
         if self.serve not in ("inprocess", "http"):
             raise ConfigError(f"simulator.serve must be inprocess or http, not {self.serve!r}")
         if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1:
@@ -238,7 +255,7 @@ class RLConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     critic_model: str | None = None   # PPO critic backbone; None: a copy of the policy base
-    bf16_autocast: bool = False       # log-probs and updates under bf16 autocast (GPU profiles; the tiny one: 1.5x faster steps)
+    bf16_autocast: bool | str = False  # log-probs and updates under bf16 autocast (true, false or auto as in simulator.bf16)
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     samples_per_step: int = 2         # trajectories written to samples.jsonl each step
@@ -247,6 +264,9 @@ class RLConfig:
     validation_size: int = 200        # validation questions: the held-out split's last ones, never evaluated on
     validation_two_hop: bool = False  # also validate on the dev split's 2-hop questions; val_em is then the mean of both kinds
     keep_best: bool = True            # with validation: the saved policy is the best-validated step's, not the last
+
+    def __post_init__(self):
+        self.bf16_autocast = bf16_setting(self.bf16_autocast, "rl.bf16_autocast")
 
 
 @dataclass
@@ -439,5 +459,14 @@ def describe(profile: Profile, *sections: str, width: int = 108) -> str:
         changed = [f"{f.name}={getattr(section, f.name)!r}" for f in dataclasses.fields(section)
                    if getattr(section, f.name) != getattr(default, f.name)]
         lines += textwrap.wrap(f"{name}: " + (", ".join(changed) or "all defaults"), width,
+                               subsequent_indent="    ")
+    # bf16 switches are resolved at load time (``auto``), so say what they came to on this machine, and why.
+    from .models import default_device, fast_bf16
+    flags = {"tiny": ("bf16_autocast", "cpu"), "simulator": ("bf16", None), "rl": ("bf16_autocast", None)}
+    shown = [(f"{name}.{flags[name][0]}={getattr(getattr(profile, name), flags[name][0])}",
+              fast_bf16(flags[name][1] or default_device())[1]) for name in sections if name in flags]
+    if shown:
+        notes = "; ".join(dict.fromkeys(note for _, note in shown))
+        lines += textwrap.wrap(f"precision: {', '.join(flag for flag, _ in shown)} ({notes})", width,
                                subsequent_indent="    ")
     return "\n".join(lines)
