@@ -72,9 +72,12 @@ def test_out_of_range_serving_settings_fail_at_load_time(key, value, message):
 def test_auto_bf16_follows_the_machine_and_explicit_values_stay(monkeypatch, fast):
     from zslib import config, models
     monkeypatch.setattr(models, "fast_bf16", lambda device: (fast, "stand-in"))
-    p = load_profile("tiny")  # tiny.bf16_autocast and simulator.bf16 by default, rl.bf16_autocast in tiny.yaml
+    p = load_profile("micro")  # auto for all three
     assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (fast, fast, fast)
-    p = load_profile("tiny", {"tiny.bf16_autocast": True, "simulator.bf16": False, "rl.bf16_autocast": True})
+    assert config.TinyConfig().bf16_autocast is fast and config.SimulatorConfig().bf16 is fast  # the code defaults
+    p = load_profile("tiny")  # the measured recipe pins bf16 on every machine
+    assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (True, True, True)
+    p = load_profile("micro", {"tiny.bf16_autocast": True, "simulator.bf16": False, "rl.bf16_autocast": True})
     assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (True, False, True)
     line = config.describe(p, "tiny", "rl").splitlines()[-1]
     assert line == "precision: tiny.bf16_autocast=True, rl.bf16_autocast=True (stand-in)"
