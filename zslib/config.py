@@ -100,7 +100,7 @@ class TinyConfig:
     lr: float = 2e-3
     warmup_steps: int = 30
     # auto: on where the CPU has bf16 kernels (1.7x faster with AVX512-BF16), fp32 elsewhere (an AVX2 CPU
-    # emulates bf16: a training step of these models took 24x longer than in fp32).
+    # emulates bf16: a training step of these models took 20.9x as long as in fp32, benchmarks/precision.py).
     bf16_autocast: bool | str = "auto"
 
     def __post_init__(self):
