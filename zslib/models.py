@@ -16,7 +16,7 @@ def fast_bf16(device: str) -> tuple[bool, str]:
     """Whether bf16 autocast is fast on ``device`` ("cpu" or "cuda"), and a line saying why.
 
     A GPU: when it supports bf16. A CPU: when oneDNN has bf16 kernels for it (AVX512 or AMX on x86,
-    BF16 on Arm); elsewhere torch emulates bf16, and a training step of the tiny models took 24x as long
+    BF16 on Arm); elsewhere torch emulates bf16, and a training step of the tiny models took 20.9x as long
     as in fp32 on an AVX2 CPU (``benchmarks/precision.py``)."""
     if device.startswith("cuda"):
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
