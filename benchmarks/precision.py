@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from zslib import config, models
+from zslib import config
+from zslib.generation import models
 
 
 def step_seconds(cfg, vocab: int, width: int, steps: int, bf16: bool, device: str) -> float:

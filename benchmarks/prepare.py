@@ -48,7 +48,7 @@ def main() -> None:
     def log(name):
         return [json.loads(line) for line in (out_dir / "models" / f"{name}.loss.jsonl").read_text().splitlines()]
 
-    # Each base's log starts with its copy warm-up (the two warm-ups differ: see tiny.build_bases).
+    # Each base's log starts with its copy warm-up (the two warm-ups differ: see pretraining.build_bases).
     print(f"\n{'what':40s} {'value':>10s} {'target':>10s}")
     print(f"{'whole notebook (min)':40s} {total / 60:10.2f} {'':>10s}")
     pretraining = sum(log(m)[-1]["seconds"] for m in ("simulator-base", "policy-base"))

@@ -21,7 +21,9 @@ import statistics
 
 import torch
 
-from zslib import config, data, evaluate, models, search, simulator, trainer
+from zslib import config, evaluate, search, simulator, trainer
+from zslib.files import read_jsonl
+from zslib.generation import models
 
 
 def run_overrides(name: str) -> dict:
@@ -64,9 +66,10 @@ def main() -> None:
     results["base"] = evaluate.heldout_scores(model, tok, base_profile, bm25, n, desc="base")
     for name in args.runs:
         P = config.load_profile(args.profile, {**json.loads(args.overrides), **run_overrides(name)})
-        t = trainer.RLTrainer(P, root / name, simulator=sim, bm25=bm25)
+        engine = simulator.engine_for(P, loaded=sim) if P.rl.engine == "simulator" else None
+        t = trainer.RLTrainer(P, root / name, engine=engine, real_engine=bm25)
         t.train(resume=True)
-        metrics = data.read_rows(t.metrics_path)
+        metrics = read_jsonl(t.metrics_path)
         best = t.use_best_policy()  # as notebook 04: the best-validated weights when the profile validates
         results[name] = {**evaluate.heldout_scores(t.policy, t.tokenizer, P, bm25, n, desc=name),
                          "policy_step": best["step"] if best else len(metrics),

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from zslib import config, data, hf_backend, models, rollout, search
+from zslib import config, data, rollout, search
+from zslib.generation import hf_backend, models
 
 
 def run(backend, tokenizer, rows, search_fn, cfg, batch_size):

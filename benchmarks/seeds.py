@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zslib import checks, config, data  # noqa: E402
+from zslib import checks, config  # noqa: E402
+from zslib.files import read_jsonl  # noqa: E402
 
 NOTEBOOKS = ["00_prepare", "01_collect_trajectories", "02_label", "03_simulator_sft", "04_curriculum_rl"]
 
@@ -69,7 +70,7 @@ def _executed_ok(path: Path) -> bool:
 
 def share_simulator(source, P) -> None:
     """Link the source run's simulator base and fine-tuned simulator into run ``P``."""
-    if not (Path(source.simulator_path) / "tokenizer.json").exists():  # the last file tiny.build_bases saves
+    if not (Path(source.simulator_path) / "tokenizer.json").exists():  # the last file pretraining.build_bases saves
         # (a link to a base still being built would make notebook 00 build it again, into the source's folder)
         raise SystemExit(f"{P.name}: the shared simulator base {source.simulator_path} is not built yet: "
                          f"run {source.name}'s notebook 00 first")
@@ -127,7 +128,7 @@ def figures(profile: str, overrides: dict) -> dict | None:
     if not all(p.exists() for p in paths):
         return None
     base, sim, rl = (json.loads(p.read_text()) for p in paths)
-    metrics = data.read_rows(P.rl_dir / "metrics.jsonl")
+    metrics = read_jsonl(P.rl_dir / "metrics.jsonl")
     validated = [m for m in metrics if "val_em" in m]
     best = max(validated, key=lambda m: (m["val_em"], -m["step"]))
     by_rel = base["by_relation"]

@@ -21,7 +21,8 @@ import argparse
 
 import torch
 
-from zslib import config, data, evaluate, hf_backend, models, rollout, search, simulator
+from zslib import config, data, evaluate, rollout, search, simulator
+from zslib.generation import hf_backend, models
 
 
 def first_docs_hold_answer(trajs) -> float:

@@ -26,11 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def rollouts(P, rows, batch_sizes: list[int]) -> list[dict]:
-    from zslib import backends, models, rollout, search
+    from zslib import rollout, search
+    from zslib.config import VLLMConfig
+    from zslib.generation import backends, models
     model, tok = models.load_causal_lm(P.policy_path, "float32")
     fn = rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"), P.search.topk)
     t0 = time.time()
-    made = {"hf": backends.make_backend("hf", model, tok), "vllm": backends.make_backend("vllm", model, tok)}
+    made = {"hf": backends.make_backend("hf", model, tok), "vllm": backends.make_backend("vllm", model, tok, vllm_cfg=VLLMConfig())}
     start = time.time() - t0
     for backend in made.values():  # warm-up (vLLM compiles its log-prob op on the first call)
         rollout.rollout(backend, tok, rows[:8], fn, P.rollout, temperature=0.0)

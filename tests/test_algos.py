@@ -123,7 +123,7 @@ def test_kl_estimators():
     assert algos.kl_penalty(lp, ref, "k2").item() == pytest.approx(0.5 * d * d)
     assert algos.kl_penalty(lp, ref, "k3").item() == pytest.approx(0.5 + d - 1)
     assert algos.kl_penalty(T([0.0]), T([-30.0]), "low_var_kl").item() == 10.0  # clamps: e^-20 + 20 - 1 -> 10
-    with pytest.raises(ValueError, match="kl kind"):
+    with pytest.raises(ValueError, match="rl.kl_kind must be one of k1, abs, k2, k3, low_var_kl, not .k4."):
         algos.kl_penalty(lp, ref, "k4")
 
 

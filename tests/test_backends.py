@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from zslib import backends, config
-from zslib.hf_backend import HFBackend
+from zslib import config
+from zslib.generation import backends
+from zslib.generation.hf_backend import HFBackend
 
 
 def test_the_factory_builds_the_profiles_backend_with_its_stop_strings(tokenizer, protocol_model):
@@ -17,13 +18,13 @@ def test_the_factory_builds_the_profiles_backend_with_its_stop_strings(tokenizer
     assert judge.stop_strings == ["\n"] and judge.reuse_cache is False
     with pytest.raises(backends.BackendError, match="must be one of hf, vllm, not 'tgi'"):
         backends.make_backend("tgi", model, tokenizer)
-    with pytest.raises(config.ConfigError, match="rollout.backend must be hf or vllm, not 'tgi'"):
+    with pytest.raises(config.ConfigError, match="rollout.backend must be one of hf, vllm, not 'tgi'"):
         config.load_profile("tiny", {"rollout.backend": "tgi"})
 
 
 def test_no_module_builds_a_backend_around_the_factory():
-    """Collection, RL, evaluation, the judge and the simulator all go through zslib/backends.py."""
+    """Collection, RL, evaluation, the judge and the simulator all go through zslib/generation/backends.py."""
     root = Path(__file__).resolve().parent.parent
-    offenders = [str(p.relative_to(root)) for p in sorted((root / "zslib").glob("*.py")) + sorted((root / "notebooks").glob("*.ipynb"))
+    offenders = [str(p.relative_to(root)) for p in sorted((root / "zslib").rglob("*.py")) + sorted((root / "notebooks").glob("*.ipynb"))
                  if p.name not in ("backends.py", "hf_backend.py") and re.search(r"(HF|VLLM)Backend\(", p.read_text())]
     assert offenders == []

@@ -3,7 +3,8 @@ that never searches stopped by notebook 00's check."""
 
 import pytest
 
-from zslib import checks, tiny
+from zslib import checks
+from zslib.tiny import base_eval, pretraining, recipes
 from zslib.config import ChecksConfig, ConfigError, load_profile
 
 
@@ -66,19 +67,19 @@ def never_searches(tokenizer, tiny_world, bm25, tmp_path_factory):
     rows = [r for r in tiny_world["splits"]["train"] if r["hops"] == 1][:16]
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     relations = sorted({r["relation"] for r in rows})
-    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+    demos = recipes.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
                                 memory_relations=relations, memory_demos=2)
     demos = [d for d in demos if "<search>" not in tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m])]
     assert len(demos) == 2 * len(rows), "the memory demonstrations and the no-search ones"
-    model = tiny.build_model(tokenizer, cfg, seed=0)
-    tiny.pretrain(model, demos, 60, cfg, tmp_path_factory.mktemp("never") / "loss.jsonl", seed=0)
+    model = pretraining.build_model(tokenizer, cfg, seed=0)
+    pretraining.pretrain(model, demos, 60, cfg, tmp_path_factory.mktemp("never") / "loss.jsonl", seed=0)
     return model.eval(), rows
 
 
 def _base_report(model, tokenizer, bm25, rows):
     profile = load_profile("tiny", {"rollout.max_turns": 2, "rollout.max_tokens_per_turn": 40,
                                     "rollout.max_obs_tokens": 96})
-    return profile, tiny.evaluate_base(profile, model, tokenizer, bm25, rows)
+    return profile, base_eval.evaluate_base(profile, model, tokenizer, bm25, rows)
 
 
 def test_notebook_00s_check_stops_a_base_that_never_searches(never_searches, tokenizer, bm25):

@@ -8,6 +8,10 @@ from zslib.config import RolloutConfig
 
 class AnsweringBackend:
     """Answers every prompt at once; raises on call number ``fail_on`` to mimic an interruption."""
+    last_logprobs: list = []
+
+    def release(self):
+        pass
 
     def __init__(self, tokenizer, fail_on=None):
         self.tok, self.fail_on, self.n = tokenizer, fail_on, 0
@@ -55,5 +59,5 @@ def test_a_line_cut_mid_write_is_dropped_and_redone(tokenizer, tmp_path):
 def test_a_corrupt_record_in_the_middle_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "trajectories.jsonl"
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match=r"trajectories.jsonl: line 2"):
+    with pytest.raises(ValueError, match=r"trajectories.jsonl, line 2: not valid JSON"):
         read_trajectories(path)

@@ -57,20 +57,81 @@ def test_every_shipped_profile_loads():
         load_profile(path.stem)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("simulator.serve", "grpc", "simulator.serve must be inprocess or http, not 'grpc'"),
-    ("simulator.retries", -1, "simulator.retries >= 0"),
-    ("vllm.dtype", "int8", "vllm.dtype must be auto, float32, bfloat16 or float16, not 'int8'"),
-    ("vllm.gpu_memory_utilization", 1.5, r"vllm.gpu_memory_utilization in \(0, 1\]"),
-])
-def test_out_of_range_serving_settings_fail_at_load_time(key, value, message):
-    with pytest.raises(ConfigError, match=message):
+def _choice_fields():
+    """Every (dotted key, allowed names) of a choice field in the profile's sections."""
+    import dataclasses
+    import typing
+
+    from zslib import config
+    sections = typing.get_type_hints(config.Profile).items()
+    return [(f"{name}.{f.name}", f.metadata["choices"]) for name, cls in sections if dataclasses.is_dataclass(cls)
+            for f in dataclasses.fields(cls) if "choices" in f.metadata]
+
+
+def test_every_choice_is_checked_against_the_registry_the_code_runs():
+    """The names a profile may give are the keys of the mapping the code looks them up in."""
+    from zslib import algos, curriculum, labeling, prompts, reward, search, simulator
+    from zslib.generation import backends
+    registries = dict(_choice_fields())
+    assert registries["rl.algorithm"] is algos.ALGORITHMS and registries["rl.agg"] is algos.AGGREGATIONS
+    assert registries["rl.kl_kind"] is algos.KL_KINDS and registries["rl.reward"] is reward.REWARDS
+    assert registries["rl.curriculum"] is curriculum.SCHEDULES and registries["labeling.metric"] is reward.METRICS
+    assert registries["labeling.judge"] is labeling.JUDGES and registries["search.engine"] is search.ENGINES
+    assert registries["rollout.backend"] is backends.BACKENDS and registries["simulator.serve"] is simulator.TRANSPORTS
+    assert registries["simulator.prompt"] is prompts.SIMULATOR_PROMPTS
+    assert len(registries) >= 14
+
+
+@pytest.mark.parametrize("key", [key for key, _ in _choice_fields()])
+def test_an_unknown_name_fails_at_load_time_listing_the_known_ones(key):
+    names = dict(_choice_fields())[key]
+    value = ["no-such-name"] if key == "tiny.memory_relations" else "no-such-name"
+    with pytest.raises(ConfigError) as e:
         load_profile("tiny", {key: value})
+    message = str(e.value)
+    assert f"{key} must be one of " in message and "not 'no-such-name'" in message
+    assert all(str(name) in message for name in names), message
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("rl.group_size", 0, ">= 1"), ("rl.questions_per_step", 0, ">= 1"), ("rl.mini_batch_size", 0, ">= 1"),
+    ("rl.lr", -1, "> 0"), ("rl.lr", 0, "> 0"), ("rl.critic_lr", -1e-5, "> 0"), ("simulator.lr", -1, "> 0"),
+    ("tiny.lr", 0, "> 0"), ("rl.p_start", -0.1, r"in \[0, 1\]"), ("rl.p_end", 1.5, r"in \[0, 1\]"),
+    ("tiny.known_fraction", 2, r"in \[0, 1\]"), ("labeling.threshold", 1.01, r"in \[0, 1\]"),
+    ("rollout.top_p", 0, r"in \(0, 1\]"), ("rl.gamma", 1.5, r"in \[0, 1\]"), ("rl.clip_c", 1, "> 1"),
+    ("rollout.max_turns", 0, ">= 1"), ("rollout.max_tokens_per_turn", 0, ">= 1"), ("rl.steps", 0, ">= 1"),
+    ("rollout.temperature", -0.5, ">= 0"), ("simulator.retries", -1, ">= 0"), ("vllm.max_model_len", 8, ">= 16"),
+    ("vllm.gpu_memory_utilization", 1.5, r"in \(0, 1\]"), ("world.n_people", 0, ">= 1"),
+])
+def test_an_impossible_value_fails_at_load_time_naming_key_value_and_range(key, value, allowed):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be {allowed}, not {value!r}"):
+        load_profile("tiny", {key: value})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"rollout.max_context": 64}, r"rollout.max_context \(64\) must be above rollout.max_tokens_per_turn \(64\)"),
+    ({"tiny.hidden_size": 250}, r"tiny.hidden_size \(250\) must be a multiple of tiny.num_heads \(4\)"),
+    ({"simulator.max_steps": 0}, "simulator.max_steps must be -1"),
+    ({"world.split_fractions": [0.7, 0.2, 0.2]}, "world.split_fractions must be three shares"),
+    ({"rollout.backend": "vllm", "vllm.max_model_len": 512},
+     r"vllm.max_model_len \(512\) must be at least rollout.max_context \(1024\)"),
+])
+def test_settings_that_contradict_each_other_fail_at_load_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", overrides)
+
+
+def test_the_checked_sections_check_when_built_in_code_too():
+    from zslib.config import RLConfig
+    with pytest.raises(ConfigError, match="rl.group_size must be >= 1, not 0"):
+        RLConfig(group_size=0)
+    assert RLConfig(group_size=1).group_size == 1
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_auto_bf16_follows_the_machine_and_explicit_values_stay(monkeypatch, fast):
-    from zslib import config, models
+    from zslib import config
+    from zslib.generation import models
     monkeypatch.setattr(models, "fast_bf16", lambda device: (fast, "stand-in"))
     p = load_profile("micro")  # auto for all three
     assert (p.tiny.bf16_autocast, p.simulator.bf16, p.rl.bf16_autocast) == (fast, fast, fast)
@@ -93,7 +154,7 @@ def test_fast_bf16_agrees_with_the_cpu_flags():
     """Independent of torch: bf16 kernels need AVX512 (BW) or AMX on x86; a CPU with AVX512-BF16 has them."""
     from pathlib import Path
 
-    from zslib.models import fast_bf16
+    from zslib.generation.models import fast_bf16
     info = Path("/proc/cpuinfo")
     flags = set(info.read_text().split()) if info.exists() else set()
     if "avx2" not in flags:

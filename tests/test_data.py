@@ -44,7 +44,7 @@ def test_malformed_row_names_file_row_and_field(tmp_path, bad, field):
 
 def test_broken_json_names_row(tmp_path):
     f = _write(tmp_path / "test.jsonl", [{"question": "a?", "golden_answers": ["b"]}, "{not json"])
-    with pytest.raises(DataError, match="row 2"):
+    with pytest.raises(DataError, match="test.jsonl, line 2: not valid JSON"):
         load_qa("nq", "test", f)
 
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from zslib import collect, config, labeling, world
+from zslib import collect, config, labeling
+from zslib.tiny import world
 from zslib.simulator import parse_docs
 
 

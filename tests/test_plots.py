@@ -16,8 +16,9 @@ def _metrics(with_validation: bool) -> list[dict]:
 
 def test_rl_curves_smooth_per_step_keys_draw_validation_raw_and_drop_empty_panels():
     fig = plots.rl_curves({"grpo": _metrics(True)}, smooth=3)
-    assert [ax.get_title() for ax in fig.axes] == list(plots.RL_PANELS.values())
-    assert fig.axes[1].get_title() == "validation EM (greedy, real engine)"
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes] == list(plots.RL_PANELS.values())
+    assert fig.axes[0].get_title().endswith("\n(3-step moving mean)"), "a smoothed panel says so"
+    assert fig.axes[1].get_title() == "validation EM (greedy, real engine)", "validation points are raw"
     validation = fig.axes[1].lines[0]
     assert list(validation.get_xdata()) == [5, 10] and list(validation.get_ydata()) == [0.5, 1.0]
     # trailing mean over 3 of 1, 2, 3, 4: 1, 1.5, 2, 3
@@ -26,11 +27,21 @@ def test_rl_curves_smooth_per_step_keys_draw_validation_raw_and_drop_empty_panel
     assert len(without.axes) == 3 and "validation EM (greedy, real engine)" not in [ax.get_title() for ax in without.axes]
 
 
+def test_rl_curves_draw_equal_series_once_and_lay_panels_out_in_rows():
+    rows = [{**m, "f1": m["reward_mean"]} for m in _metrics(True)]  # rl.reward: f1, so reward is F1
+    fig = plots.rl_curves({"grpo": rows}, smooth=1)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert labels == ["reward = F1", "EM"], "the reward is not hidden under an identical F1 line"
+    rows_of_panels = sorted({round(ax.get_position().y0, 3) for ax in fig.axes})
+    assert len(fig.axes) == 4 and len(rows_of_panels) == 2, "four panels: two rows of two"
+    assert len(plots.collapse_signs({"grpo": _metrics(False)}).axes) == 2, "only the panels logged"
+
+
 def test_collapse_signs_draw_one_titled_panel_per_sign():
     rows = [{"step": i, "entropy": 0.1 * i, "kl": 0.0, "invalid_action_rate": 0.0, "response_tokens": 40.0,
              "equal_reward_groups": 0.5} for i in range(1, 7)]
     fig = plots.collapse_signs({"grpo": rows}, smooth=2)
-    assert [ax.get_title() for ax in fig.axes] == list(plots.COLLAPSE_PANELS.values())
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes] == list(plots.COLLAPSE_PANELS.values())
     # trailing mean over 2 of 0.1, 0.2, 0.3: 0.1, 0.15, 0.25
     assert [round(v, 6) for v in fig.axes[0].lines[0].get_ydata()[:3]] == [0.1, 0.15, 0.25]
 

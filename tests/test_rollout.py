@@ -2,14 +2,18 @@ import pytest
 import torch
 
 from zslib.config import RolloutConfig
-from zslib.prompts import INVALID_ACTION, information_block, render_policy_prompt
-from zslib.hf_backend import GrowingCache, HFBackend, _GrowingLayer, length_groups
-from zslib.rollout import STOP_STRINGS, engine_search_fn, parse_action, rollout
+from zslib.generation.hf_backend import GrowingCache, HFBackend, _GrowingLayer, length_groups
+from zslib.prompts import INVALID_ACTION, STOP_STRINGS, information_block, render_policy_prompt
+from zslib.rollout import engine_search_fn, parse_action, rollout
 from zslib.search import Doc, format_docs
 
 
 class ScriptedBackend:
     """Returns fixed turns per row, tokenized: stands in for a model to test the loop itself."""
+    last_logprobs: list = []
+
+    def release(self):
+        pass
 
     def __init__(self, tokenizer, turns_per_row):
         self.tok, self.turns, self.calls = tokenizer, turns_per_row, []

@@ -38,7 +38,10 @@ def test_index_is_saved_reused_and_rebuilt_when_the_corpus_changes(tmp_path):
 def test_bad_corpus_row_names_file_and_line(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"title": "A", "text": "a"}\n{"body": "no title"}\n')
-    with pytest.raises(ValueError, match=r"c.jsonl, line 2"):
+    with pytest.raises(ValueError, match=r"c.jsonl, row 2: a corpus row needs"):
+        BM25Engine(corpus)
+    corpus.write_text('{"title": "A", "text": "a"}\n{"title": "B", "te\n{"title": "C", "text": "c"}\n')
+    with pytest.raises(ValueError, match=r"c.jsonl, line 2: not valid JSON"):
         BM25Engine(corpus)
 
 

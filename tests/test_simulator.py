@@ -55,13 +55,13 @@ def test_prompt_only_noisy_variant_hides_question_and_answer():
     assert "Where was Xo Ba born?" not in noisy and "Tavin" not in noisy
     for p in (useful, noisy):
         assert prompts.PROMPT_ONLY_DEMO in p and p.endswith("Query: Xo Ba born\nOutput:")
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match="simulator.prompt must be one of finetuned, prompt_only, not .other."):
         prompts.simulator_user_message(*args, True, k=3, words=20, variant="other")
 
 
 def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
-    from zslib import tiny
-    model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
+    from zslib.tiny import pretraining
+    model = pretraining.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
                                                    num_heads=2, num_kv_heads=1), seed=0).eval()
     engine = SimulatedEngine(InProcessTransport(model, tokenizer, batch_calls=2), tokenizer, SimulatorConfig(max_new_tokens=12))
     out = engine.search(["a", "b", "c"], 3, noisy=[False, True, False], questions=["qa", "qb", "qc"],
@@ -76,12 +76,13 @@ def test_simulated_engine_returns_k_or_fewer_docs_and_counts_tokens(tokenizer):
 def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path, lora):
     import torch
 
-    from zslib import config, labeling, simulator, tiny
+    from zslib import config, labeling, simulator
+    from zslib.tiny import pretraining
 
     P = config.load_profile("tiny", {"simulator.lora": lora, "simulator.max_steps": 4, "simulator.batch_size": 4,
                                      "simulator.lr": 1e-2, "simulator.bf16": False})
     base = tmp_path / "base"
-    model = tiny.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
+    model = pretraining.build_model(tokenizer, TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2,
                                                    num_heads=2, num_kv_heads=1), seed=0)
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -103,9 +104,9 @@ def test_sft_trains_saves_and_loads_through_the_auto_classes(tokenizer, tmp_path
 
 def _saved_base(tokenizer, folder, **sizes):
     """A small simulator base saved with its tokenizer, for SFT to load by path."""
-    from zslib import tiny
+    from zslib.tiny import pretraining
 
-    tiny.build_model(tokenizer, TinyConfig(num_heads=2, num_kv_heads=1, **sizes), seed=0).save_pretrained(folder)
+    pretraining.build_model(tokenizer, TinyConfig(num_heads=2, num_kv_heads=1, **sizes), seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zslib import tiny
+from zslib.tiny import base_eval, pretraining, recipes
 from zslib.config import TinyConfig
 from zslib.prompts import TAGS, information_block, render_policy_prompt
 from zslib.search import Doc
@@ -38,7 +38,7 @@ def test_chat_template_and_padding(tokenizer):
 
 def test_model_saves_and_loads_through_auto_classes(tokenizer, tmp_path):
     cfg = TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1)
-    model = tiny.build_model(tokenizer, cfg, seed=0).eval()
+    model = pretraining.build_model(tokenizer, cfg, seed=0).eval()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -54,7 +54,7 @@ def test_demonstrations_never_train_the_prompt(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     rows = tiny_world["splits"]["train"][:60]
     for train_docs in (False, True):
-        demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+        demos = recipes.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
                                     train_docs=train_docs)
         assert len(demos) == 60
         searched = 0
@@ -72,8 +72,8 @@ def test_demonstrations_never_train_the_prompt(tokenizer, tiny_world, bm25):
 def test_memory_relations_add_answers_without_a_search_and_change_no_other_demonstration(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     rows = tiny_world["splits"]["train"][:200]
-    plain = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1)
-    memory = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+    plain = recipes.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1)
+    memory = recipes.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
                                  memory_relations=["birth_year"], memory_demos=2)
     year_rows = [r for r in rows if r["relation"].split("/")[-1] == "birth_year"]
     assert year_rows and len(memory) == len(plain) + 2 * len(year_rows)
@@ -83,31 +83,31 @@ def test_memory_relations_add_answers_without_a_search_and_change_no_other_demon
         trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
         assert f"Question: {row['question']}" in text
         assert "<search>" not in trained
-        assert trained.startswith(tiny.first_thought(row) + tiny.MEMORY_DECISION)
+        assert trained.startswith(recipes.first_thought(row) + recipes.MEMORY_DECISION)
         assert trained.rstrip().endswith("</answer><|im_end|>")
 
 
 @pytest.mark.parametrize("override", [{"tiny.memory_relations": ["birth_yr"]}, {"tiny.memory_demos": -1}])
-def test_bad_memory_settings_name_the_field(override):
+def test_bad_memory_settings_name_the_field_when_the_profile_loads(override):
     from zslib.config import ConfigError, load_profile
     with pytest.raises(ConfigError, match=next(iter(override))):
-        tiny.policy_examples(load_profile("tiny", override), None, None, [], [], [])
+        load_profile("tiny", override)
 
 
 def test_pretraining_lowers_the_loss(tokenizer, tiny_world, tmp_path):
     cfg = TinyConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
                      lr=3e-3, warmup_steps=5, batch_tokens=2048)
-    model = tiny.build_model(tokenizer, cfg, seed=0)
-    examples = tiny.pack_texts(tokenizer, [a["text"] for a in tiny_world["articles"][:300]], 128, seed=0)
-    history = tiny.pretrain(model, examples, 60, cfg, tmp_path / "loss.jsonl", seed=0)
-    assert len(tiny.read_log(tmp_path / "loss.jsonl")) == 60
+    model = pretraining.build_model(tokenizer, cfg, seed=0)
+    examples = recipes.pack_texts(tokenizer, [a["text"] for a in tiny_world["articles"][:300]], 128, seed=0)
+    history = pretraining.pretrain(model, examples, 60, cfg, tmp_path / "loss.jsonl", seed=0)
+    assert len(pretraining.read_log(tmp_path / "loss.jsonl")) == 60
     first, last = history[0]["loss"], sum(r["loss"] for r in history[-10:]) / 10
     assert last < 0.6 * first
 
 
 @pytest.mark.parametrize("number_share", [0.0, 0.5])
 def test_copy_drills_train_only_the_repeat(tokenizer, number_share):
-    drills = tiny.copy_drills(tokenizer, 40, seed=3, number_share=number_share)
+    drills = recipes.copy_drills(tokenizer, 40, seed=3, number_share=number_share)
     assert len({tuple(d.ids) for d in drills}) == 40, "fresh items every time"
     items = []
     for d in drills:
@@ -126,22 +126,22 @@ def test_copy_drills_train_only_the_repeat(tokenizer, number_share):
 def test_batches_cover_every_example_once_with_few_shapes():
     import random
     rng = random.Random(0)
-    examples = [tiny.Example(list(range(n)), [1] * n) for n in (rng.randint(1, 300) for _ in range(2000))]
-    batches = tiny._batches(examples, 4096, random.Random(1), width_multiple=64)
+    examples = [recipes.Example(list(range(n)), [1] * n) for n in (rng.randint(1, 300) for _ in range(2000))]
+    batches = pretraining._batches(examples, 4096, random.Random(1), width_multiple=64)
     assert sorted(id(e) for _, b in batches for e in b) == sorted(id(e) for e in examples)
     for width, b in batches:
         assert width % 64 == 0 and all(width - 64 < len(e.ids) <= width for e in b)
         assert len(b) * width <= 4096
     shapes = {(len(b), width) for width, b in batches}
     assert len(shapes) <= 2 * 5, "one full and one partial batch shape per width"
-    batch = tiny._collate(batches[0][1], pad_id=0, width=batches[0][0])
+    batch = pretraining._collate(batches[0][1], pad_id=0, width=batches[0][0])
     assert batch["input_ids"].shape == (len(batches[0][1]), batches[0][0])
 
 
 def test_answer_drills_state_each_answer_twice_about_unseen_entities(tiny_world):
-    from zslib.world import WorldConfig
+    from zslib.tiny.world import WorldConfig
     taken = {e["name"] for e in tiny_world["entities"]}
-    drills = tiny.answer_drills(WorldConfig(), taken, 50, seed=7)
+    drills = recipes.answer_drills(WorldConfig(), taken, 50, seed=7)
     assert len(drills) == 50
     for d in drills:
         qa, doc = d.split("\n")
@@ -153,17 +153,17 @@ def test_answer_drills_state_each_answer_twice_about_unseen_entities(tiny_world)
 def test_every_first_turn_names_what_the_question_asks_for_then_decides(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     rows = tiny_world["splits"]["train"][:120]
-    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
+    demos = recipes.scripted_demos(tokenizer, rows, bm25, by_name, set(), topk=3, seed=0, per_question=1,
                                 memory_relations=["born_in"], memory_demos=1)
     memory_rows = [r for r in rows if r["relation"].split("/")[-1] == "born_in"]
     decisions, thoughts = {"search": 0, "memory": 0}, {}
     for ex, row in zip(demos, rows + memory_rows):
         response = tokenizer.decode(ex.ids).split("<|im_start|>assistant\n")[1]
-        thoughts.setdefault(row["relation"].split("/")[-1], set()).add(tiny.first_thought(row))
-        assert response.startswith(tiny.first_thought(row))
-        rest = response[len(tiny.first_thought(row)):]
-        decisions["search" if rest.startswith(tiny.SEARCH_DECISION) else "memory"] += 1
-        assert rest.startswith((tiny.SEARCH_DECISION, tiny.MEMORY_DECISION))
+        thoughts.setdefault(row["relation"].split("/")[-1], set()).add(recipes.first_thought(row))
+        assert response.startswith(recipes.first_thought(row))
+        rest = response[len(recipes.first_thought(row)):]
+        decisions["search" if rest.startswith(recipes.SEARCH_DECISION) else "memory"] += 1
+        assert rest.startswith((recipes.SEARCH_DECISION, recipes.MEMORY_DECISION))
     assert decisions["memory"] >= len(memory_rows) and decisions["search"] > 80
     # one thought per relation, a different one for each
     assert all(len(t) == 1 for t in thoughts.values()) and len(set.union(*thoughts.values())) == len(thoughts) > 5
@@ -173,13 +173,13 @@ def test_every_first_turn_names_what_the_question_asks_for_then_decides(tokenize
 def test_decision_margins_equal_the_two_openings_scored_token_by_token(protocol_model, tokenizer):
     model, rows = protocol_model
     picked = rows[:4]
-    margins = tiny.decision_margins(model, tokenizer, picked, batch_size=3)  # a batch of 3 and one of 5 rows
+    margins = base_eval.decision_margins(model, tokenizer, picked, batch_size=3)  # a batch of 3 and one of 5 rows
     for q, margin in zip(picked, margins):
         prompt = tokenizer(render_policy_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"]
         totals = []
-        for decision in (tiny.SEARCH_DECISION, tiny.MEMORY_DECISION):
+        for decision in (recipes.SEARCH_DECISION, recipes.MEMORY_DECISION):
             ids, total = list(prompt), 0.0
-            for token in tokenizer(tiny.first_thought(q) + decision, add_special_tokens=False)["input_ids"]:
+            for token in tokenizer(recipes.first_thought(q) + decision, add_special_tokens=False)["input_ids"]:
                 with torch.no_grad():
                     logits = model(torch.tensor([ids])).logits[0, -1].float()
                 total += torch.log_softmax(logits, -1)[token].item()
@@ -201,22 +201,22 @@ def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, 
     weights = []
     for run in ("a", "b"):
         profile = config.load_profile("tiny", {**small, "name": run})
-        tiny.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"], splits)
+        pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"], splits)
         weights.append({name: (profile.models_dir / name / "model.safetensors").read_bytes()
                         for name in ("policy-base", "simulator-base")})
     assert weights[0] == weights[1]
     # Each base has its own warm-up: the policy's drills hold years and titles, the simulator's do not.
-    warm = {name: [r["loss"] for r in tiny.read_log(profile.models_dir / f"{name}.loss.jsonl")
+    warm = {name: [r["loss"] for r in pretraining.read_log(profile.models_dir / f"{name}.loss.jsonl")
                    if r["phase"] == "copy warm-up"] for name in ("policy-base", "simulator-base")}
     assert len(warm["policy-base"]) == len(warm["simulator-base"]) == 3
     assert warm["policy-base"] != warm["simulator-base"]
 
 
 def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):
-    from zslib.world import TITLE_WORDS
+    from zslib.tiny.world import TITLE_WORDS
     adjectives, nouns = TITLE_WORDS
     items = []
-    for d in tiny.copy_drills(tokenizer, 60, seed=5, number_share=0.2, title_share=0.5):
+    for d in recipes.copy_drills(tokenizer, 60, seed=5, number_share=0.2, title_share=0.5):
         items += tokenizer.decode([t for t, m in zip(d.ids, d.mask) if m]).split(", ")
     titles = [i for i in items if i.split()[0] in adjectives + ["The"]]
     assert 0.25 < len(titles) / len(items) < 0.55, "half of the non-year items, give or take"
@@ -224,14 +224,14 @@ def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):
         words = t.split()
         adjective, noun = (words[1], words[2]) if words[0] == "The" else (words[0], words[1])
         assert adjective in adjectives and noun in nouns and words[-2] in ("of", "in")
-    assert tiny.copy_drills(tokenizer, 5, seed=5) == tiny.copy_drills(tokenizer, 5, seed=5, title_share=0.0)
+    assert recipes.copy_drills(tokenizer, 5, seed=5) == recipes.copy_drills(tokenizer, 5, seed=5, title_share=0.0)
 
 
 def test_guesses_carry_no_loss_without_guess_loss_but_recalled_answers_do(tokenizer, tiny_world, bm25):
     by_name = {e["name"]: e for e in tiny_world["entities"]}
     rows = [r for r in tiny_world["splits"]["train"] if r["relation"] == "born_in"][:6]
     known = {rows[0]["subject"]}
-    demos = tiny.scripted_demos(tokenizer, rows, bm25, by_name, known, topk=3, seed=0, per_question=1,
+    demos = recipes.scripted_demos(tokenizer, rows, bm25, by_name, known, topk=3, seed=0, per_question=1,
                                 memory_relations=["born_in"], memory_demos=1, guess_loss=False)
     for ex, row in zip(demos[len(rows):], rows):  # the memory demonstrations, one per question
         trained = tokenizer.decode([t for t, m in zip(ex.ids, ex.mask) if m])
@@ -240,4 +240,4 @@ def test_guesses_carry_no_loss_without_guess_loss_but_recalled_answers_do(tokeni
             assert said == row["golden_answers"][0] and f"<answer> {said} </answer>" in trained
         else:  # guessed: in the text, not in the loss
             assert said != row["golden_answers"][0]
-            assert trained == tiny.first_thought(row) + tiny.MEMORY_DECISION + " </answer><|im_end|>"
+            assert trained == recipes.first_thought(row) + recipes.MEMORY_DECISION + " </answer><|im_end|>"

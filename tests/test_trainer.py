@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zslib import algos, trainer
-from zslib.data import read_rows
-from zslib.config import RLConfig, RolloutConfig, load_profile
+from zslib import algos, rl_models, trainer
+from zslib.config import ConfigError, RLConfig, RolloutConfig, load_profile
+from zslib.files import read_jsonl as read_rows
+from zslib.simulator import engine_for
 from zslib.prompts import INVALID_ACTION
-from zslib.hf_backend import HFBackend
+from zslib.generation.hf_backend import HFBackend
 from zslib.rollout import Trajectory, engine_search_fn, rollout
 
 TIMING = ("seconds", "tokens_per_s", "rollout_seconds", "simulator_seconds", "logprobs_seconds", "update_seconds",
@@ -43,8 +44,8 @@ def _rollouts(protocol_model, tokenizer, bm25, n=4):
 def test_batch_tensors_shift_the_loss_mask_and_the_ablation_trains_documents(protocol_model, tokenizer, bm25):
     trajs = _rollouts(protocol_model, tokenizer, bm25)
     assert any(t.calls for t in trajs), "the model searches, so there are <information> blocks"
-    on = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=True)
-    off = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=False)
+    on = rl_models.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=True)
+    off = rl_models.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=False)
     for r, t in enumerate(trajs):
         n = len(t.token_ids)
         assert on["mask"][r, :n - 1].tolist() == t.loss_mask[1:]
@@ -58,11 +59,11 @@ def test_batch_tensors_shift_the_loss_mask_and_the_ablation_trains_documents(pro
 def test_right_padding_needs_no_attention_mask(protocol_model, tokenizer, bm25):
     """Log-probs of a padded batch equal each row's log-probs computed alone."""
     trajs = _rollouts(protocol_model, tokenizer, bm25)
-    batch = trainer.batch_tensors(trajs, tokenizer.pad_token_id)
+    batch = rl_models.batch_tensors(trajs, tokenizer.pad_token_id)
     with torch.no_grad():
-        together, _ = trainer.token_logprobs(protocol_model[0], batch["input_ids"])
+        together, _ = rl_models.token_logprobs(protocol_model[0], batch["input_ids"])
         for r, t in enumerate(trajs):
-            alone, _ = trainer.token_logprobs(protocol_model[0], torch.tensor([t.token_ids]))
+            alone, _ = rl_models.token_logprobs(protocol_model[0], torch.tensor([t.token_ids]))
             assert torch.allclose(together[r, :len(t.token_ids) - 1], alone[0], atol=1e-5)
 
 
@@ -80,12 +81,12 @@ class _FixedLogits(torch.nn.Module):
 @pytest.mark.parametrize("loss_mask", [True, False])
 def test_information_tokens_get_no_gradient_with_the_loss_mask(protocol_model, tokenizer, bm25, loss_mask):
     trajs = _rollouts(protocol_model, tokenizer, bm25)
-    batch = trainer.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=loss_mask)
+    batch = rl_models.batch_tensors(trajs, tokenizer.pad_token_id, loss_mask=loss_mask)
     ids, mask = batch["input_ids"], batch["mask"]
     with torch.no_grad():
         real = protocol_model[0](input_ids=ids).logits
     fixed = _FixedLogits(real.clone())
-    logp, entropy = trainer.token_logprobs(fixed, ids, with_entropy=True)
+    logp, entropy = rl_models.token_logprobs(fixed, ids, with_entropy=True)
     assert torch.allclose(entropy, algos.entropy_from_logits(real[:, :-1]), atol=1e-4)
     old = logp.detach() + 0.05 * torch.randn_like(logp)   # ratios away from 1, as after an update
     ref = logp.detach() + 0.1 * torch.randn_like(logp)
@@ -127,7 +128,9 @@ def test_reward_reads_only_the_policy_text(tokenizer):
 
 
 def _run(profile, run_dir, bm25, rows, simulator=None, steps=None, resume=True):
-    t = trainer.RLTrainer(profile, run_dir, questions=rows, bm25=bm25, simulator=simulator, validation=rows[-4:])
+    engine = engine_for(profile, loaded=simulator) if simulator else None
+    t = trainer.RLTrainer(profile, run_dir, engine=engine, real_engine=bm25, questions=rows,
+                          validation={"1hop": rows[-4:]})
     t.train(steps=steps, resume=resume)
     return t
 
@@ -188,9 +191,16 @@ def test_interrupted_run_resumes_to_the_same_metrics_and_weights(policy_dir, pro
     assert all(len(s["token_ids"]) == len(s["loss_mask"]) for s in samples)
 
 
-def test_unknown_algorithm_is_named(policy_dir, bm25, protocol_model):
-    with pytest.raises(ValueError, match="rl.algorithm must be one of grpo, ppo"):
-        trainer.RLTrainer(_profile(policy_dir, algorithm="dpo", engine="bm25"), questions=protocol_model[1], bm25=bm25)
+def test_an_algorithm_is_its_registry_entry(policy_dir, bm25, protocol_model, monkeypatch, tmp_path):
+    """A name the registry does not know fails when the profile loads; a new entry needs nothing else:
+    the profile accepts it and the trainer builds a critic because the entry asks for one."""
+    with pytest.raises(ConfigError, match="rl.algorithm must be one of grpo, .*ppo.*, not 'dpo'"):
+        _profile(policy_dir, algorithm="dpo", engine="bm25")
+    monkeypatch.setitem(algos.ALGORITHMS, "ppo_twin", algos.Algorithm(algos.ALGORITHMS["ppo"].advantages, True))
+    for name, critic in (("ppo_twin", True), ("grpo", False)):
+        t = trainer.RLTrainer(_profile(policy_dir, algorithm=name, engine="bm25", validate_every=0), tmp_path / name,
+                              questions=protocol_model[1], real_engine=bm25)
+        assert (t.critic is not None) is critic and hasattr(t, "critic_optimizer") is critic
 
 
 def test_masked_html_greys_exactly_the_mask_0_tokens(tokenizer):
@@ -228,7 +238,7 @@ def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy
     rows = protocol_model[1]
     two_hop = [{"question": "In which city did Xo study?", "golden_answers": ["Masa"], "id": "dev_2"}]
     t = trainer.RLTrainer(_profile(policy_dir, engine="bm25", validate_every=1), tmp_path / "run", questions=rows,
-                          validation=rows[:2], validation_two_hop=two_hop, bm25=bm25)
+                          validation={"1hop": rows[:2], "2hop": two_hop}, real_engine=bm25)
     # Scripted scores per step: step 1 is better on 1-hop, step 2 on the mean of both kinds.
     script = {(1, 2): 0.8, (1, 1): 0.0, (2, 2): 0.6, (2, 1): 0.4}
     monkeypatch.setattr(trainer, "greedy_with_engine", lambda model, tok, qs, *a, **k: {

@@ -21,11 +21,12 @@ except ImportError:
         pytest.skip("ZS_NO_VLLM=1: vLLM was not installed", allow_module_level=True)
     raise
 
-from zslib import backends, serve_simulator, simulator, trainer
-from zslib.config import RolloutConfig, load_profile
-from zslib.prompts import render_policy_prompt
-from zslib.rollout import STOP_STRINGS, engine_search_fn, parse_action, rollout
-from zslib.vllm_backend import VLLMBackend, shutdown_engines
+from zslib import rl_models, serve_simulator, simulator, trainer
+from zslib.config import RolloutConfig, VLLMConfig, load_profile
+from zslib.generation import backends
+from zslib.generation.vllm_backend import VLLMBackend, shutdown_engines
+from zslib.prompts import STOP_STRINGS, render_policy_prompt
+from zslib.rollout import engine_search_fn, parse_action, rollout
 
 CFG = RolloutConfig(max_turns=2, max_tokens_per_turn=40, max_obs_tokens=96)
 
@@ -39,7 +40,7 @@ def engines_stopped_at_the_end():
 
 @pytest.fixture(scope="module")
 def vllm_backend(protocol_model, tokenizer):
-    return backends.make_backend("vllm", protocol_model[0], tokenizer)
+    return backends.make_backend("vllm", protocol_model[0], tokenizer, vllm_cfg=VLLMConfig())
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +106,20 @@ def test_sampled_generations_stop_at_the_first_stop_string_and_parse(protocol_mo
 def test_engine_logprobs_match_the_trainer_after_a_synced_update(protocol_model, tokenizer, bm25):
     model, rows = protocol_model
     policy = copy.deepcopy(model)
-    backend = backends.make_backend("vllm", policy, tokenizer)  # the shared engine, this model's weights
+    backend = backends.make_backend("vllm", policy, tokenizer, vllm_cfg=VLLMConfig())  # the shared engine, this model's weights
     seq = rollout(backend, tokenizer, rows[:1], engine_search_fn(bm25, 3), CFG, 0.0)[0].token_ids
     ids = torch.tensor([seq])
 
     def gap() -> tuple[float, float]:
         with torch.no_grad():
-            ours = trainer.token_logprobs(policy, ids)[0][0]
+            ours = rl_models.token_logprobs(policy, ids)[0][0]
         diff = (torch.tensor(backend.sequence_logprobs([seq])[0]) - ours).abs()
         return diff.mean().item(), diff.max().item()
 
     assert gap()[0] < 1e-5
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     optimizer.zero_grad()
-    (-trainer.token_logprobs(policy, ids)[0].mean()).backward()  # a training update
+    (-rl_models.token_logprobs(policy, ids)[0].mean()).backward()  # a training update
     optimizer.step()
     stale = gap()
     backend.entry["owner"] = backend  # (pretend nobody synced: the engine still has the old weights)
@@ -151,7 +152,8 @@ def test_rl_with_vllm_and_the_http_simulator_runs_and_resumes(protocol_model, to
         "rl.group_size": 3, "rl.mini_batch_size": 6, "rl.checkpoint_every": 2, "rl.lr": 1e-3, "rl.validate_every": 0})
 
     def run(folder, steps=None):
-        t = trainer.RLTrainer(profile, folder, questions=rows, bm25=bm25, simulator=(model, tokenizer))
+        t = trainer.RLTrainer(profile, folder, questions=rows, real_engine=bm25,
+                              engine=simulator.engine_for(profile, loaded=(model, tokenizer)))
         t.train(steps=steps, resume=True)
         return t
 
@@ -166,5 +168,5 @@ def test_rl_with_vllm_and_the_http_simulator_runs_and_resumes(protocol_model, to
     # The resumed engine generates with the resumed weights: its log-probs are the trainer's.
     seq = json.loads(resumed.samples_path.read_text().splitlines()[-1])["token_ids"]
     with torch.no_grad():
-        ours = trainer.token_logprobs(resumed.policy, torch.tensor([seq]))[0][0]
+        ours = rl_models.token_logprobs(resumed.policy, torch.tensor([seq]))[0][0]
     assert (torch.tensor(resumed.backend.sequence_logprobs([seq])[0]) - ours).abs().mean() < 1e-5

@@ -1,6 +1,6 @@
 import hashlib
 
-from zslib import world
+from zslib.tiny import world
 
 
 def _digest(paths):

@@ -3,27 +3,32 @@
 Shapes are ``[batch, tokens]`` over the response, with ``mask`` (the loss mask) of the same shape:
 1 on tokens the policy generated, 0 on everything else (``<information>`` blocks, invalid-action
 messages, padding). A sequence's score sits on its last mask-1 token.
+
+Each choice a profile makes here is a registry, name -> implementation, checked when the profile
+loads: ``ALGORITHMS`` (``rl.algorithm``), ``AGGREGATIONS`` (``rl.agg``) and ``KL_KINDS``
+(``rl.kl_kind``). A new algorithm is a function of scores and an entry in ``ALGORITHMS``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-KL_KINDS = ("k1", "abs", "k2", "k3", "low_var_kl")
+from .registry import Registry
+
+# How per-token losses become one number: ``(values, mask as values' dtype) -> scalar``.
+AGGREGATIONS = Registry("rl.agg", {
+    "token-mean": lambda v, m: (v * m).sum() / m.sum().clamp(min=1),
+    "seq-mean-token-sum": lambda v, m: (v * m).sum(-1).mean(),
+    "seq-mean-token-mean": lambda v, m: ((v * m).sum(-1) / m.sum(-1).clamp(min=1)).mean(),
+})
 
 
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce per-token losses to a scalar over mask-1 tokens."""
-    mask = mask.to(values.dtype)
-    if mode == "token-mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    per_seq = (values * mask).sum(-1)
-    if mode == "seq-mean-token-sum":
-        return per_seq.mean()
-    if mode == "seq-mean-token-mean":
-        return (per_seq / mask.sum(-1).clamp(min=1)).mean()
-    raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
+    """Reduce per-token losses to a scalar over mask-1 tokens (``AGGREGATIONS``)."""
+    return AGGREGATIONS[mode](values, mask.to(values.dtype))
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -136,21 +141,51 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return agg_loss(loss, mask, agg)
 
 
+def _low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    x = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+    return torch.clamp(torch.exp(x) - x - 1, -10.0, 10.0)
+
+
+# Per-token KL estimates to the reference: ``(logprobs, ref_logprobs) -> [batch, tokens]``.
+KL_KINDS = Registry("rl.kl_kind", {
+    "k1": lambda lp, ref: lp - ref,
+    "abs": lambda lp, ref: (lp - ref).abs(),
+    "k2": lambda lp, ref: 0.5 * (lp - ref) ** 2,
+    "k3": _low_var_kl,
+    "low_var_kl": _low_var_kl,
+})
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "low_var_kl") -> torch.Tensor:
-    """Per-token KL estimate to the reference (added to the loss with a plus sign)."""
-    delta = logprobs - ref_logprobs
-    if kind == "k1":
-        return delta
-    if kind == "abs":
-        return delta.abs()
-    if kind == "k2":
-        return 0.5 * delta ** 2
-    if kind in ("k3", "low_var_kl"):
-        x = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
-        return torch.clamp(torch.exp(x) - x - 1, -10.0, 10.0)
-    raise ValueError(f"kl kind must be one of {', '.join(KL_KINDS)}, got {kind!r}")
+    """Per-token KL estimate to the reference (added to the loss with a plus sign), by ``KL_KINDS``."""
+    return KL_KINDS[kind](logprobs, ref_logprobs)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum softmax(z) z, per position."""
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+# ---------------------------------------------------------------- the algorithms
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An RL algorithm as the trainer runs it: ``advantages(scores, group_ids, mask, values, cfg)``
+    returns ``(advantages [batch, tokens], returns or None)``, where ``values`` are the critic's (None
+    without one) and ``cfg`` is the profile's ``rl`` section; ``needs_critic``: the trainer builds a
+    value model and trains it on the returns."""
+    advantages: Callable[..., tuple]
+    needs_critic: bool = False
+
+
+ALGORITHMS = Registry("rl.algorithm", {
+    "grpo": Algorithm(lambda scores, groups, mask, values, cfg:
+                      (grpo_advantages(scores, groups, mask, norm_by_std=cfg.norm_by_std), None)),
+    "reinforce_pp": Algorithm(lambda scores, groups, mask, values, cfg:
+                              (reinforce_pp_advantages(last_token_scores(scores, mask), mask, cfg.gamma), None)),
+    "reinforce_pp_baseline": Algorithm(lambda scores, groups, mask, values, cfg:
+                                       (reinforce_pp_baseline_advantages(scores, groups, mask), None)),
+    "ppo": Algorithm(lambda scores, groups, mask, values, cfg:
+                     gae_advantages(last_token_scores(scores, mask), values, mask, cfg.gamma, cfg.lam),
+                     needs_critic=True),
+})

@@ -7,11 +7,9 @@ a last line cut off mid-write is dropped (the rows before it are kept).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-
+from .files import append_jsonl, read_jsonl
 from .progress import tqdm
 from .reward import exact_match, f1_score
 from .rollout import Trajectory, rollout
@@ -29,25 +27,7 @@ def read_trajectories(path: str | Path, repair: bool = False) -> list[dict]:
     """Every complete record. A bad line other than the last is an error naming the file and line;
     a broken last line (an interrupted write) is ignored, or cut from the file with ``repair``."""
     path = Path(path)
-    if not path.exists():
-        return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as f:
-        lines = f.readlines()
-    for n, raw in enumerate(lines, 1):
-        try:
-            if not raw.endswith(b"\n"):
-                raise ValueError("no newline at the end")
-            if raw.strip():
-                records.append(json.loads(raw))
-            good_bytes += len(raw)
-        except ValueError as e:
-            if n < len(lines):
-                raise ValueError(f"{path}: line {n} is not a JSON record ({e})") from None
-            if repair:
-                with open(path, "r+b") as f:
-                    f.truncate(good_bytes)
-    return records
+    return read_jsonl(path, torn_tail="repair" if repair else "ignore") if path.exists() else []
 
 
 def collect(backend, tokenizer, rows: list[dict], search_fn, cfg, path: str | Path, temperature: float,
@@ -62,15 +42,12 @@ def collect(backend, tokenizer, rows: list[dict], search_fn, cfg, path: str | Pa
     todo = [(row, s) for row in rows for s in range(samples_per_question) if (row["id"], s) not in done]
     batch_size = batch_size or cfg.batch_size
     written = 0
-    with open(path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="collect") as bar:
+    with tqdm(total=len(todo), desc="collect") as bar:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
             trajs = rollout(backend, tokenizer, [row for row, _ in chunk], search_fn, cfg, temperature=temperature)
-            lines = "".join(json.dumps(trajectory_record(t, row["id"], s, tokenizer), ensure_ascii=False) + "\n"
-                            for t, (row, s) in zip(trajs, chunk))
-            out.write(lines)  # one write per batch, then flushed to disk before the next
-            out.flush()
-            os.fsync(out.fileno())
+            # one write per batch, on disk before the next batch starts
+            append_jsonl(path, [trajectory_record(t, row["id"], s, tokenizer) for t, (row, s) in zip(trajs, chunk)])
             written += len(chunk)
             bar.update(len(chunk))
     return {"written": written, "skipped": len(done)}

@@ -1,8 +1,15 @@
 """Profiles: one dataclass tree, loaded from ``configs/<name>.yaml``, shared by every notebook.
 
-``load_profile("tiny", overrides={"tiny.policy_steps": 50})`` returns a ``Profile``. Unknown
-keys and values of the wrong type raise ``ConfigError`` naming the dotted key, so a typo in a
-YAML file or a papermill parameter never passes silently.
+``load_profile("tiny", overrides={"tiny.policy_steps": 50})`` returns a ``Profile``. Everything is
+checked when the profile loads, before any notebook runs, and a problem is a ``ConfigError`` naming
+the dotted key, the value and what is allowed:
+
+- unknown keys and values of the wrong type;
+- a name that is not in its registry: ``rl.algorithm`` in ``algos.ALGORITHMS``, ``rl.reward`` in
+  ``reward.REWARDS``, and so on (the ``choice`` fields below say which), so a typo never waits for
+  the first loss after a full rollout;
+- a value out of range (``number`` fields: a group of 0 rollouts, a negative learning rate, a
+  probability outside [0, 1]) and settings that contradict each other (``Profile.__post_init__``).
 """
 
 from __future__ import annotations
@@ -15,11 +22,65 @@ from pathlib import Path
 
 import yaml
 
+from . import algos, curriculum, labeling, prompts, reward, search, simulator
 from .checks import validate_ranges
-from .world import WorldConfig
+from .files import ROOT
+from .generation import backends
+from .tiny.world import RELATIONS, WorldConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- what a field allows
+
+def choice(default, names, **kw):
+    """A field whose value (or, for a list, each item) must be a key of ``names``: a registry
+    (``algos.ALGORITHMS``) or a tuple of names."""
+    return field(default_factory=lambda: list(default), metadata={"choices": names}, **kw) if isinstance(default, list) \
+        else field(default=default, metadata={"choices": names}, **kw)
+
+
+def number(default, low=None, high=None, above=None, below=None):
+    """A numeric field in a range: ``low``/``high`` inclusive, ``above``/``below`` exclusive."""
+    return field(default=default, metadata={"range": (low, high, above, below)})
+
+
+def _range_text(low, high, above, below) -> str:
+    lower = f">= {low:g}" if low is not None else f"> {above:g}" if above is not None else None
+    upper = f"<= {high:g}" if high is not None else f"< {below:g}" if below is not None else None
+    if lower and upper:
+        return f"in {'[' if low is not None else '('}{low if low is not None else above:g}, " \
+               f"{high if high is not None else below:g}{']' if high is not None else ')'}"
+    return lower or upper
+
+
+def check_field(key: str, value, metadata) -> None:
+    """Raise ConfigError when ``value`` is not what the field's metadata allows."""
+    names = metadata.get("choices")
+    if names is not None:
+        for item in value if isinstance(value, list) else [value]:
+            if item not in names:
+                raise ConfigError(f"{key} must be one of {', '.join(map(str, names))}, not {item!r}")
+    bounds = metadata.get("range")
+    if bounds is not None and value is not None:
+        low, high, above, below = bounds
+        if ((low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above) or (below is not None and value >= below)):
+            raise ConfigError(f"{key} must be {_range_text(*bounds)}, not {value!r}")
+
+
+class _Section:
+    """A profile section: its fields are checked against their metadata when it is built
+    (``KEY`` is the section's name in the YAML, for the messages)."""
+    KEY = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_field(f"{self.KEY}.{f.name}", getattr(self, f.name), f.metadata)
 
 
 def bf16_setting(value, key: str, device: str | None = None) -> bool:
@@ -29,244 +90,254 @@ def bf16_setting(value, key: str, device: str | None = None) -> bool:
         return value
     if value != "auto":
         raise ConfigError(f"{key} must be true, false or auto, not {value!r}")
-    from .models import default_device, fast_bf16
+    from .generation.models import default_device, fast_bf16
     return fast_bf16(device or default_device())[0]
 
 
-class ConfigError(ValueError):
-    pass
+PROBABILITY = {"low": 0.0, "high": 1.0}
+DTYPES = ("float32", "bfloat16", "float16")
 
+
+# ---------------------------------------------------------------- the sections
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    KEY = "data"
     train_sets: list = field(default_factory=lambda: ["tiny"])  # "tiny" or FlashRAG names
     eval_sets: list = field(default_factory=lambda: ["tiny"])
     local_dir: str | None = None  # folder with <name>/<split>.jsonl|parquet, used before the hub
-    eval_size: int = 300          # held-out questions per evaluation set
+    eval_size: int = number(300, low=1)  # held-out questions per evaluation set
 
 
 @dataclass
-class SearchConfig:
-    engine: str = "bm25"                 # bm25 | web | none
-    topk: int = 3
+class SearchConfig(_Section):
+    KEY = "search"
+    engine: str = choice("bm25", search.ENGINES)  # bm25 | web | none
+    topk: int = number(3, low=1)
     corpus_path: str | None = None       # None: the tiny world's corpus
     web_url: str = "https://google.serper.dev/search"
-    web_provider: str = "serper"
+    web_provider: str = choice("serper", search.WEB_PROVIDERS)
     web_api_key_env: str = "SERPER_API_KEY"
     web_cache_dir: str | None = None
 
 
 @dataclass
-class ModelsConfig:
+class ModelsConfig(_Section):
+    KEY = "models"
     policy: str = "tiny"     # "tiny": built by notebook 00; else a hub id or a local path
     simulator: str = "tiny"
-    dtype: str = "float32"
+    dtype: str = choice("float32", DTYPES)
 
 
 @dataclass
-class TinyConfig:
+class TinyConfig(_Section):
     """The tiny Qwen3-architecture models and their CPU pretraining (docs/method.md §12)."""
-    bpe_merges: int = 1000
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_positions: int = 1024
-    known_fraction: float = 0.3      # share of train-split articles the policy reads in pretraining
-    demos_per_question: int = 1      # scripted demonstrations per train question
+    KEY = "tiny"
+    bpe_merges: int = number(1000, low=1)
+    hidden_size: int = number(256, low=1)
+    intermediate_size: int = number(768, low=1)
+    num_layers: int = number(4, low=1)
+    num_heads: int = number(4, low=1)
+    num_kv_heads: int = number(2, low=1)
+    max_positions: int = number(1024, low=1)
+    known_fraction: float = number(0.3, **PROBABILITY)  # share of train-split articles the policy reads in pretraining
+    demos_per_question: int = number(1, low=0)  # scripted demonstrations per train question
     demo_loss_on_information: bool = False  # True: documents in demonstrations carry loss too
     # Questions whose (last) relation is one of these get `memory_demos` more demonstrations that answer
-    # from memory, without a search (tiny.scripted_demos): a flaw that RL can fix only by searching.
-    memory_relations: list = field(default_factory=lambda: ["born_in", "located_in"])
-    memory_demos: int = 4
+    # from memory, without a search (tiny.recipes.scripted_demos): a flaw that RL can fix only by searching.
+    memory_relations: list = choice(["born_in", "located_in"], RELATIONS)
+    memory_demos: int = number(4, low=0)
     guess_loss: bool = True          # False: a guessed answer in a demonstration carries no loss
     restate_topic: bool = False      # every later thought of a demonstration opens with its first thought
-    copy_warmup_steps: int = 800     # phase 1 of the simulator base: copy drills (see tiny.copy_drills)
-    # Phase 1 of the policy base. Copying forms abruptly, at a step that varies with the seed and the
-    # precision; at 800 steps it was still forming (loss 0.5 with bf16, 0.97 without), and the base's EM
-    # followed: 0.52-0.68 over three seeds, 0.06 without bf16. At 1600 it has formed (loss < 0.1).
-    policy_copy_warmup_steps: int = 1600
-    copy_years: float = 0.0          # share of the policy's copy drills' items that are years (its warm-up and mix)
-    copy_titles: float = 0.0         # share of the other items that are book or film titles
-    copy_warmup_batch_tokens: int = 1024
-    copy_drills: int = 4000          # drills mixed into the policy's main phase too
-    policy_steps: int = 900
-    simulator_steps: int = 350
-    answer_drills: int = 3000        # simulator base: answers to copy from a line above (tiny.answer_drills)
-    simulator_copy_steps: int = 300  # simulator base, phase 3: copying names and years (tiny.answer_copy_phase)
-    simulator_copy_batch_tokens: int = 2048
-    batch_tokens: int = 4096         # tokens per optimizer step (padded)
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    # auto: on where the CPU has bf16 kernels (1.7x faster with AVX512-BF16), fp32 elsewhere (an AVX2 CPU
-    # emulates bf16: a training step of these models took 20.9x as long as in fp32, benchmarks/precision.py).
+    copy_warmup_steps: int = number(800, low=0)  # phase 1 of the simulator base: copy drills (tiny.recipes.copy_drills)
+    # Phase 1 of the policy base: long enough for copying to have formed on every seed and precision
+    # tried (it forms abruptly, at a step that varies with both; docs/results.md, issue 15).
+    policy_copy_warmup_steps: int = number(1600, low=0)
+    copy_years: float = number(0.0, **PROBABILITY)   # share of the policy's copy drills' items that are years
+    copy_titles: float = number(0.0, **PROBABILITY)  # share of the other items that are book or film titles
+    copy_warmup_batch_tokens: int = number(1024, low=1)
+    copy_drills: int = number(4000, low=0)  # drills mixed into the policy's main phase too
+    policy_steps: int = number(900, low=1)
+    simulator_steps: int = number(350, low=1)
+    answer_drills: int = number(3000, low=0)  # simulator base: answers to copy from a line above
+    simulator_copy_steps: int = number(300, low=0)  # simulator base, phase 3: copying names and years
+    simulator_copy_batch_tokens: int = number(2048, low=1)
+    batch_tokens: int = number(4096, low=1)  # tokens per optimizer step (padded)
+    lr: float = number(2e-3, above=0)
+    warmup_steps: int = number(30, low=0)
+    # auto: on where the CPU has bf16 kernels, fp32 where it would emulate them (many times slower:
+    # benchmarks/precision.py, docs/results.md)
     bf16_autocast: bool | str = "auto"
 
     def __post_init__(self):
         self.bf16_autocast = bf16_setting(self.bf16_autocast, "tiny.bf16_autocast", "cpu")  # the bases train on the CPU
+        super().__post_init__()
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"tiny.hidden_size ({self.hidden_size}) must be a multiple of tiny.num_heads "
+                              f"({self.num_heads}), and that of tiny.num_kv_heads ({self.num_kv_heads})")
 
 
 @dataclass
-class RolloutConfig:
-    max_turns: int = 3
-    max_tokens_per_turn: int = 48
-    max_obs_tokens: int = 256
-    max_context: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 64
-    backend: str = "hf"           # hf | vllm: the generation backend every step uses (zslib/backends.py)
+class RolloutConfig(_Section):
+    KEY = "rollout"
+    max_turns: int = number(3, low=1)
+    max_tokens_per_turn: int = number(48, low=1)
+    max_obs_tokens: int = number(256, low=1)
+    max_context: int = number(1024, low=1)  # prompt and every turn and document block; above one turn
+    temperature: float = number(1.0, low=0)
+    top_p: float = number(1.0, above=0, high=1)
+    batch_size: int = number(64, low=1)
+    backend: str = choice("hf", backends.BACKENDS)  # the generation backend every step uses (zslib/generation/backends.py)
 
     def __post_init__(self):
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"rollout.backend must be hf or vllm, not {self.backend!r}")
+        super().__post_init__()
+        if self.max_context <= self.max_tokens_per_turn:
+            raise ConfigError(f"rollout.max_context ({self.max_context}) must be above rollout.max_tokens_per_turn "
+                              f"({self.max_tokens_per_turn}): a context must hold the prompt and at least one turn")
 
 
 @dataclass
-class VLLMConfig:
-    """vLLM engine settings, for ``rollout.backend: vllm`` and the simulator server (zslib/vllm_backend.py,
+class VLLMConfig(_Section):
+    """vLLM engine settings, for ``rollout.backend: vllm`` and the simulator server (zslib/generation/vllm_backend.py,
     zslib/serve_simulator.py). The defaults suit the tiny models on a CPU (docs/method.md §17)."""
-    dtype: str = "auto"               # auto: the model's own dtype (fp32 for the tiny models); or bfloat16, float32
-    max_model_len: int = 1024
+    KEY = "vllm"
+    dtype: str = choice("auto", ("auto",) + DTYPES)  # auto: the model's own dtype (fp32 for the tiny models)
+    max_model_len: int = number(1024, low=16)
     enforce_eager: bool = True        # False: compiled graphs (faster decoding, slower start)
     enable_prefix_caching: bool = True  # later turns and group members reuse the prompt's KV cache
-    kv_cache_memory_bytes: int = 268435456  # 256 MiB; the CPU build cannot size the cache itself. 0: use gpu_memory_utilization
-    gpu_memory_utilization: float = 0.3     # GPU share for weights and cache when kv_cache_memory_bytes is 0
-    max_num_seqs: int = 256
+    # 256 MiB; the CPU build cannot size the cache itself. 0: use gpu_memory_utilization
+    kv_cache_memory_bytes: int = number(268435456, low=0)
+    gpu_memory_utilization: float = number(0.3, above=0, high=1)  # GPU share for weights and cache when kv_cache_memory_bytes is 0
+    max_num_seqs: int = number(256, low=1)
     seed: int = 0
 
-    def __post_init__(self):
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"vllm.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.max_model_len < 16:
-            raise ConfigError(f"vllm.max_model_len must be at least 16, got {self.max_model_len}")
-        if self.kv_cache_memory_bytes < 0 or not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError("vllm.kv_cache_memory_bytes must be >= 0 and vllm.gpu_memory_utilization in (0, 1]")
-
 
 @dataclass
-class CollectConfig:
+class CollectConfig(_Section):
     """Step 1: the collector runs the protocol against the real engine (docs/method.md §6)."""
+    KEY = "collect"
     model: str | None = None      # None: the policy base (tiny) / models.policy; else a hub id or path
     split: str = "train"
-    n_questions: int = 1500
-    temperature: float = 1.0      # sampled, so the same question yields both right and wrong runs
-    samples_per_question: int = 1
+    n_questions: int = number(1500, low=1)
+    temperature: float = number(1.0, low=0)  # sampled, so the same question yields both right and wrong runs
+    samples_per_question: int = number(1, low=1)
 
 
 @dataclass
-class LabelingConfig:
+class LabelingConfig(_Section):
     """Step 2: trajectories -> useful/noisy (query, documents) pairs -> simulator SFT set."""
-    metric: str = "f1"            # f1 | em: a trajectory is correct when metric >= threshold
-    threshold: float = 0.5
-    judge: str = "none"           # none (v1) | contains (answer string in the documents) | llm (v2)
+    KEY = "labeling"
+    metric: str = choice("f1", reward.METRICS)  # a trajectory is correct when metric >= threshold
+    threshold: float = number(0.5, **PROBABILITY)
+    judge: str = choice("none", labeling.JUDGES)  # none (v1) | contains (answer string in the documents) | llm (v2)
     judge_model: str | None = None
     evidence: bool = False        # contains: a dataset's supporting documents count as useful too (see docs/results.md)
     balance: bool = True          # as many useful as noisy pairs
     paired: bool = True           # add each query's other label from the real engine (docs/method.md §6)
-    invented: int = 0             # extra paired examples about invented entities (tiny profile)
+    invented: int = number(0, low=0)  # extra paired examples about invented entities (tiny profile)
     answer_first: bool = False    # useful completions state the answer in their first sentence
-    max_pairs: int = 20000
+    max_pairs: int = number(20000, low=1)
 
 
 @dataclass
-class SimulatorConfig:
+class SimulatorConfig(_Section):
     """Step 3: the simulator's prompt, fine-tuning and decoding (docs/method.md §5)."""
-    prompt: str = "finetuned"     # finetuned | prompt_only
-    topk: int = 5                 # documents per simulated search
-    words_per_doc: int = 30
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_p: float = 1.0
+    KEY = "simulator"
+    prompt: str = choice("finetuned", prompts.SIMULATOR_PROMPTS)  # finetuned | prompt_only
+    topk: int = number(5, low=1)  # documents per simulated search
+    words_per_doc: int = number(30, low=1)
+    max_new_tokens: int = number(200, low=1)
+    temperature: float = number(0.8, low=0)
+    top_p: float = number(1.0, above=0, high=1)
     lora: bool = True             # False: full fine-tune (cheap for tiny models)
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = number(16, low=1)
+    lora_alpha: int = number(32, above=0)
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"])
     train_lm_head: bool = False   # with LoRA: also train the output layer (tied to embeddings)
-    lr: float = 1e-4
-    epochs: float = 1.0
-    max_steps: int = -1           # > 0 overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    bf16: bool | str = "auto"     # bf16 autocast; auto: where it is fast (a GPU, or a CPU with bf16 kernels: 1.8x faster)
+    lr: float = number(1e-4, above=0)
+    epochs: float = number(1.0, above=0)
+    max_steps: int = number(-1, low=-1)  # > 0 overrides epochs; -1: train for epochs
+    batch_size: int = number(8, low=1)
+    grad_accum: int = number(1, low=1)
+    max_length: int = number(512, low=1)
+    bf16: bool | str = "auto"     # bf16 autocast; auto: where it is fast (a GPU, or a CPU with bf16 kernels)
     # Recompute activations in the backward pass (TRL's default): memory for time, worth it for a Qwen3
-    # simulator on a GPU; the tiny profile turns it off (its SFT steps run 1.26x faster without).
+    # simulator on a GPU; the tiny profile turns it off (its SFT steps are faster without; docs/results.md).
     gradient_checkpointing: bool = True
     # Batches of similar lengths (transformers' LengthGroupedSampler): less padding, a little less random order.
     group_by_length: bool = False
-    eval_triples: int = 200       # held-out (question, answer, query) triples for notebook 03
+    eval_triples: int = number(200, low=1)  # held-out (question, answer, query) triples for notebook 03
     # In RL, tell the simulator the answer of the hop a query asks about (the bridge entity until the
     # query names it), for questions whose data records ``hop_answers``; False: the final answer, as
     # the original does, which lets one search answer a 2-hop question against the simulator only.
     hop_hints: bool = False
-    batch_calls: int = 32         # simulated searches per generate call (per HTTP request with serve: http)
-    serve: str = "inprocess"      # inprocess: generate in this process; http: call the simulator server
+    batch_calls: int = number(32, low=1)  # simulated searches per generate call (per HTTP request with serve: http)
+    serve: str = choice("inprocess", simulator.TRANSPORTS)  # inprocess: in this process; http: the simulator server
     url: str = "http://127.0.0.1:8001/v1"  # with serve: http, an OpenAI-compatible server (python -m zslib.serve_simulator)
     served_name: str = "simulator"  # the model name the server knows the fine-tuned simulator by
-    timeout_s: float = 60.0       # per HTTP request
-    retries: int = 3              # further tries after a timeout, a dropped connection or a 5xx answer
-    threads: int = 4              # HTTP requests in flight at once
+    timeout_s: float = number(60.0, above=0)  # per HTTP request
+    retries: int = number(3, low=0)  # further tries after a timeout, a dropped connection or a 5xx answer
+    threads: int = number(4, low=1)  # HTTP requests in flight at once
 
     def __post_init__(self):
         self.bf16 = bf16_setting(self.bf16, "simulator.bf16")
-        if self.serve not in ("inprocess", "http"):
-            raise ConfigError(f"simulator.serve must be inprocess or http, not {self.serve!r}")
-        if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1:
-            raise ConfigError("simulator.timeout_s must be > 0, simulator.retries >= 0, simulator.threads >= 1")
+        super().__post_init__()
+        if self.max_steps == 0:
+            raise ConfigError("simulator.max_steps must be -1 (train for simulator.epochs) or at least 1, not 0")
 
 
 @dataclass
-class RLConfig:
+class RLConfig(_Section):
     """Step 4: curriculum RL against the simulator (docs/method.md §7-9); each profile's ``rl:`` section
-    sizes the run (tiny: about 10 minutes on 2 cores; GPU profiles: the original's values)."""
-    algorithm: str = "grpo"           # grpo | ppo | reinforce_pp | reinforce_pp_baseline
-    steps: int = 100                  # m, the curriculum's length too
-    questions_per_step: int = 8
-    group_size: int = 8               # rollouts per question (GRPO's group)
-    max_hops: int = 0                 # > 0: train only on questions with at most this many hops
-    engine: str = "simulator"         # simulator | bm25 (the real engine, for comparison)
-    reward: str = "f1"                # f1 | em | format
+    sizes the run (tiny: a few minutes on 2 cores; GPU profiles: the original's values)."""
+    KEY = "rl"
+    algorithm: str = choice("grpo", algos.ALGORITHMS)
+    steps: int = number(100, low=1)   # m, the curriculum's length too
+    questions_per_step: int = number(8, low=1)
+    group_size: int = number(8, low=1)  # rollouts per question (GRPO's group)
+    max_hops: int = number(0, low=0)  # > 0: train only on questions with at most this many hops
+    engine: str = choice("simulator", ("simulator", "bm25"))  # bm25: the real engine (search:), for comparison
+    reward: str = choice("f1", reward.REWARDS)
     loss_mask: bool = True            # False: <information> tokens get gradient too (ablation)
-    curriculum: str = "exp"           # exp | linear | constant
-    p_start: float = 0.0
-    p_end: float = 0.5
-    base: float = 4.0
-    lr: float = 1.0e-4
-    critic_lr: float = 1.0e-4
-    warmup_steps: int = 5
-    ppo_epochs: int = 1
-    mini_batch_size: int = 32         # trajectories per optimizer step
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_c: float = 3.0
-    agg: str = "token-mean"
-    kl_coef: float = 0.001
-    kl_kind: str = "low_var_kl"
-    entropy_coef: float = 0.001
-    gamma: float = 1.0
-    lam: float = 1.0
-    value_clip: float = 0.5
+    curriculum: str = choice("exp", curriculum.SCHEDULES)
+    p_start: float = number(0.0, **PROBABILITY)
+    p_end: float = number(0.5, **PROBABILITY)
+    base: float = number(4.0, above=0)
+    lr: float = number(1.0e-4, above=0)
+    critic_lr: float = number(1.0e-4, above=0)
+    warmup_steps: int = number(5, low=0)
+    ppo_epochs: int = number(1, low=1)
+    mini_batch_size: int = number(32, low=1)  # trajectories per optimizer step
+    grad_clip: float = number(1.0, above=0)
+    clip_low: float = number(0.2, low=0, below=1)
+    clip_high: float = number(0.2, low=0)
+    clip_c: float = number(3.0, above=1)  # the dual clip's constant for negative advantages
+    agg: str = choice("token-mean", algos.AGGREGATIONS)
+    kl_coef: float = number(0.001, low=0)
+    kl_kind: str = choice("low_var_kl", algos.KL_KINDS)
+    entropy_coef: float = number(0.001, low=0)
+    gamma: float = number(1.0, **PROBABILITY)
+    lam: float = number(1.0, **PROBABILITY)
+    value_clip: float = number(0.5, above=0)
     norm_by_std: bool = True
     lora: bool = False                # GPU profiles: a LoRA policy, reference = adapter disabled
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = number(16, low=1)
+    lora_alpha: int = number(32, above=0)
     critic_model: str | None = None   # PPO critic backbone; None: a copy of the policy base
     bf16_autocast: bool | str = False  # log-probs and updates under bf16 autocast (true, false or auto as in simulator.bf16)
-    checkpoint_every: int = 25
-    keep_checkpoints: int = 2
-    samples_per_step: int = 2         # trajectories written to samples.jsonl each step
-    eval_size: int = 300              # held-out questions for the final greedy evaluation
-    validate_every: int = 0           # > 0: greedy EM with the real engine every this many steps (and at the end)
-    validation_size: int = 200        # validation questions: the held-out split's last ones, never evaluated on
+    checkpoint_every: int = number(25, low=1)
+    keep_checkpoints: int = number(2, low=1)
+    samples_per_step: int = number(2, low=0)  # trajectories written to samples.jsonl each step
+    eval_size: int = number(300, low=1)  # held-out questions for the final greedy evaluation
+    validate_every: int = number(0, low=0)  # > 0: greedy EM with the real engine every this many steps (and at the end)
+    validation_size: int = number(200, low=1)  # validation questions: the held-out split's last ones, never evaluated on
     validation_two_hop: bool = False  # also validate on the dev split's 2-hop questions; val_em is then the mean of both kinds
     keep_best: bool = True            # with validation: the saved policy is the best-validated step's, not the last
 
     def __post_init__(self):
         self.bf16_autocast = bf16_setting(self.bf16_autocast, "rl.bf16_autocast")
+        super().__post_init__()
 
 
 @dataclass
@@ -286,6 +357,18 @@ class ChecksConfig:
                 raise ConfigError(str(e)) from None
 
 
+def _check_world(world: WorldConfig) -> None:
+    """The tiny world's sizes (its dataclass lives with the world, which knows nothing of profiles)."""
+    for f in dataclasses.fields(world):
+        if f.name.startswith("n_"):
+            check_field(f"world.{f.name}", getattr(world, f.name), {"range": (1, None, None, None)})
+    fractions = world.split_fractions
+    if len(fractions) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in fractions) \
+            or abs(sum(fractions) - 1) > 1e-9:
+        raise ConfigError(f"world.split_fractions must be three shares (train, dev, test) >= 0 that add up to 1, "
+                          f"not {fractions!r}")
+
+
 @dataclass
 class Profile:
     name: str = "tiny"
@@ -302,6 +385,13 @@ class Profile:
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+
+    def __post_init__(self):
+        """Settings of different sections that must agree."""
+        _check_world(self.world)
+        if self.rollout.backend == "vllm" and self.vllm.max_model_len < self.rollout.max_context:
+            raise ConfigError(f"vllm.max_model_len ({self.vllm.max_model_len}) must be at least rollout.max_context "
+                              f"({self.rollout.max_context}) with rollout.backend: vllm")
 
     @property
     def is_tiny(self) -> bool:
@@ -461,7 +551,7 @@ def describe(profile: Profile, *sections: str, width: int = 108) -> str:
         lines += textwrap.wrap(f"{name}: " + (", ".join(changed) or "all defaults"), width,
                                subsequent_indent="    ")
     # bf16 switches are resolved at load time (``auto``), so say what they came to on this machine, and why.
-    from .models import default_device, fast_bf16
+    from .generation.models import default_device, fast_bf16
     flags = {"tiny": ("bf16_autocast", "cpu"), "simulator": ("bf16", None), "rl": ("bf16_autocast", None)}
     shown = [(f"{name}.{flags[name][0]}={getattr(getattr(profile, name), flags[name][0])}",
               fast_bf16(flags[name][1] or default_device())[1]) for name in sections if name in flags]

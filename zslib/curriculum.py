@@ -11,7 +11,25 @@ from __future__ import annotations
 
 import torch
 
-SCHEDULES = ("exp", "linear", "constant")
+from .registry import Registry
+
+def _linear(fraction: float, p_start: float, p_end: float, base: float) -> float:
+    return p_start + fraction * (p_end - p_start)
+
+
+def _exponential(fraction: float, p_start: float, p_end: float, base: float) -> float:
+    if base == 1:  # the formula's limit
+        return _linear(fraction, p_start, p_end, base)
+    return p_start + (base ** fraction - 1) / (base - 1) * (p_end - p_start)
+
+
+# ``rl.curriculum``: the noise probability at ``fraction`` = step / total of the run, from
+# ``(fraction, p_start, p_end, base)``.
+SCHEDULES = Registry("rl.curriculum", {
+    "exp": _exponential,
+    "linear": _linear,
+    "constant": lambda fraction, p_start, p_end, base: p_end,
+})
 
 
 def noise_probability(step: int, total_steps: int, p_start: float = 0.0, p_end: float = 0.5,
@@ -19,16 +37,9 @@ def noise_probability(step: int, total_steps: int, p_start: float = 0.0, p_end: 
     """The probability that a search call at ``step`` (counted from 1) gets noisy documents."""
     if not 1 <= step <= total_steps:
         raise ValueError(f"step must be in 1..{total_steps} (it counts from 1), got {step}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if schedule == "constant":
-        return p_end
-    fraction = step / total_steps
-    if schedule == "linear" or base == 1:
-        return p_start + fraction * (p_end - p_start)
     if base <= 0:
-        raise ValueError(f"base must be positive, got {base}")
-    return p_start + (base ** fraction - 1) / (base - 1) * (p_end - p_start)
+        raise ValueError(f"rl.base must be above 0, not {base}")
+    return SCHEDULES[schedule](step / total_steps, p_start, p_end, base)
 
 
 def draw_noisy(n_calls: int, probability: float, generator: torch.Generator) -> list[bool]:

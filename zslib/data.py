@@ -14,13 +14,12 @@ A malformed row is an error naming the file and row; no row is dropped silently.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import datasets
 
-from .config import ROOT
+from .files import ROOT, JSONLError, read_jsonl
 
 FLASHRAG_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 FLASHRAG_HUB_ID = "RUC-NLPIR/FlashRAG_datasets"
@@ -34,16 +33,10 @@ class DataError(ValueError):
 def read_rows(file: Path) -> list[dict]:
     if file.suffix == ".parquet":
         return datasets.Dataset.from_parquet(str(file)).to_list()
-    rows = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}, row {n}: not valid JSON ({e.msg})") from None
-    return rows
+    try:
+        return read_jsonl(file)
+    except JSONLError as e:
+        raise DataError(str(e)) from None
 
 
 def normalize_rows(rows: list[dict], source: str, name: str, split: str) -> list[dict]:
@@ -94,26 +87,6 @@ def _local_file(path: Path, split: str) -> Path:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically: a temporary file, then a rename (a reader never sees half of it)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write rows atomically (a temporary file, then a rename): a reader never sees half a file,
-    and an interrupted write leaves the old file whole. Keys are sorted, so output is stable."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def load_qa(name: str, split: str, path: str | Path | None = None) -> datasets.Dataset:

@@ -4,13 +4,13 @@ harness of notebook 05 (methods × datasets × engines, with bootstrap intervals
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import backend_for
+from .files import write_jsonl, write_text_atomic
+from .generation.backends import backend_for
 from .progress import tqdm
 from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
 from .reward import cover_exact_match, exact_match, f1_score, valid_format
@@ -210,8 +210,8 @@ def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str =
     for i in _batch_starts(len(rows), cfg.batch_size, desc):
         chunk = rows[i:i + cfg.batch_size]
         prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny)
-        run_cfg = cfg if turns is None else dataclasses.replace(cfg, max_turns=turns)
-        trajs += rollout(backend, method.tokenizer, chunk, hook, run_cfg, temperature=temperature, prompts=prompts)
+        trajs += rollout(backend, method.tokenizer, chunk, hook, cfg, temperature=temperature, prompts=prompts,
+                         max_turns=turns)
     method.model.train(was_training)
     return trajs
 
@@ -289,8 +289,6 @@ def results_markdown(rows: list[dict]) -> str:
 
 def write_results(out_dir: str | Path, rows: list[dict], preds: list[dict]) -> dict[str, Path]:
     """``results.json`` ({"rows": […]}), ``results.md`` and ``predictions.jsonl``, each written atomically."""
-    from .data import write_jsonl, write_text_atomic
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "predictions": out_dir / "predictions.jsonl"}

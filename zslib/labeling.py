@@ -23,17 +23,16 @@ import re
 from collections import Counter
 
 from .prompts import render_simulator_prompt, simulator_user_message
-from .reward import exact_match, f1_score, normalize_answer
+from .registry import Registry
+from .reward import METRICS, normalize_answer
 from .search import Doc, format_docs
 from .simulator import contains_answer
-from .world import RELATION_KEYWORDS, invented_world, load_entities
+from .tiny.world import RELATION_KEYWORDS, invented_world, load_entities
 
 
 def label_trajectories(records: list[dict], metric: str = "f1", threshold: float = 0.5) -> list[dict]:
     """v1 labels: one pair per search call, useful when its trajectory answered right."""
-    if metric not in ("f1", "em"):
-        raise ValueError(f"labeling.metric must be f1 or em, not {metric!r}")
-    score = f1_score if metric == "f1" else exact_match
+    score = METRICS[metric]
     pairs = []
     for rec in records:
         correct = score(rec.get("answer"), rec["golden_answers"]) >= threshold
@@ -267,11 +266,20 @@ def heldout_triples(rows: list[dict], n: int, seed: int, exclude: set[str] = fro
 
 def llm_judge(profile):
     """The ``llm`` judge's (backend, tokenizer): ``labeling.judge_model``, or the simulator base."""
-    from .models import load_causal_lm  # here, not at the top: torch and transformers load only for the llm judge
-    from .backends import backend_for
+    from .generation.models import load_causal_lm  # here, not at the top: torch and transformers load only for the llm judge
+    from .generation.backends import backend_for
 
     model, tokenizer = load_causal_lm(profile.labeling.judge_model or profile.simulator_path, profile.models.dtype)
     return backend_for(profile, model, tokenizer, ["\n"]), tokenizer
+
+
+# ``labeling.judge``: the v2 verdict per pair, from (profile, pairs, supporting titles by question,
+# the llm judge's (backend, tokenizer) or None to build it); ``none`` keeps the v1 labels.
+JUDGES = Registry("labeling.judge", {
+    "none": None,
+    "contains": lambda profile, pairs, evidence, llm: judge_contains(pairs, evidence),
+    "llm": lambda profile, pairs, evidence, llm: judge_llm(pairs, *(llm or llm_judge(profile))),
+})
 
 
 def build_pairs(profile, records: list[dict], engine, judge=None) -> tuple[list[dict], dict]:
@@ -289,19 +297,14 @@ def build_pairs(profile, records: list[dict], engine, judge=None) -> tuple[list[
     from .data import load_for_profile, sample_questions  # here, not at the top: data loads datasets
 
     L, k = profile.labeling, profile.simulator.topk
-    if L.judge not in ("none", "contains", "llm"):
-        raise ValueError(f"labeling.judge must be none, contains or llm, not {L.judge!r}")
     pairs = label_trajectories(records, L.metric, L.threshold)
     info = {"v1": statistics(pairs), "judge_changed": None, "judged": len(pairs)}
     # Questions' supporting documents (the tiny world's, or a multi-hop set's) count as evidence too.
     evidence = (supporting_titles(sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, profile.seed))
                 if L.evidence else {})
-    if L.judge == "contains":
-        pairs = apply_judge(pairs, judge_contains(pairs, evidence))
-    elif L.judge == "llm":
-        backend, tokenizer = judge if judge is not None else llm_judge(profile)
-        pairs = apply_judge(pairs, judge_llm(pairs, backend, tokenizer))
-    if L.judge != "none":
+    verdicts = JUDGES[L.judge]
+    if verdicts is not None:
+        pairs = apply_judge(pairs, verdicts(profile, pairs, evidence, judge))
         info["judge_changed"] = sum(p["useful"] != p["v1_useful"] for p in pairs)
     pairs = deduplicate(pairs)
     info["deduplicated"] = len(pairs)

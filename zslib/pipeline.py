@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ROOT, ConfigError, load_profile, to_dict
-from .data import write_text_atomic
+from .config import ConfigError, load_profile, to_dict
+from .files import ROOT, write_text_atomic
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL = "zerosearch"
@@ -113,6 +113,20 @@ def _failure(step: Step, executed: Path, error) -> StepFailed:
     return StepFailed("\n".join(lines))
 
 
+def _local_kernel_manager():
+    """A kernel manager whose kernels talk over local IPC sockets (files only this user can open), not
+    TCP: nothing listens on a port, and the kernel does not warn at every start that its TCP traffic
+    is unencrypted, a warning nobody running the pipeline could act on."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return LocalKernelManager
+
+
 def run_step(step: Step, profile: str, overrides: dict, out: Path, kernel: str, progress: bool = True) -> float:
     """Execute one notebook; returns its seconds. Raises StepFailed."""
     import papermill
@@ -123,7 +137,8 @@ def run_step(step: Step, profile: str, overrides: dict, out: Path, kernel: str, 
     try:
         papermill.execute_notebook(str(step.path), str(executed), parameters={"profile": profile, "overrides": overrides},
                                    kernel_name=kernel, cwd=str(step.path.parent), progress_bar=progress,
-                                   coalesce_streams=True)  # a progress bar's updates leave one line
+                                   coalesce_streams=True,  # a progress bar's updates leave one line
+                                   kernel_manager_class=_local_kernel_manager())
     except Exception as e:  # papermill's PapermillExecutionError carries the cell; anything else is named as it is
         raise _failure(step, executed, e) from None
     return time.time() - start

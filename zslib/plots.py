@@ -6,12 +6,14 @@ a PNG, ``<folder>/<prefix>_<plot>.png``: ``outputs/<profile>/figures/00_loss_cur
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 _SINK: dict = {}
+LABEL_SIZE = 8  # the smallest text on any figure: tick labels, legends, values on bars
 
 
 def save_to(folder: str | Path | None, prefix: str = "") -> None:
@@ -64,21 +66,21 @@ def question_stats(splits: dict[str, list[dict]]):
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_ylabel("questions")
     ax.set_title("Questions per split, by relation (1-hop) and 2-hop", fontsize=10)
-    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not on them
+    ax.legend(fontsize=LABEL_SIZE, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not on them
     return _done(fig, "question_stats")
 
 
-def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first_action"), title: str = "Scores"):
+def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first_action"), *, title: str):
     """Grouped bars: one group per setting, one bar per metric (fractions in 0..1), each bar labelled
-    with its value (so a zero bar reads as 0, not as missing)."""
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    with its value (so a zero bar reads as 0, not as missing). ``title`` says what is compared."""
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(results) * len(metrics) / 2), 3.8))
     width = 0.8 / len(metrics)
     for j, m in enumerate(metrics):
         xs = [i + j * width for i in range(len(results))]
         values = [r[m] for r in results.values()]
         bars = ax.bar(xs, values, width, label=m.replace("_", " "))
-        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=6, padding=1)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], list(results), fontsize=8)
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=LABEL_SIZE - 1, padding=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], list(results), fontsize=LABEL_SIZE)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("share (0-1)")
     ax.set_title(title, fontsize=10)
@@ -109,7 +111,7 @@ def label_stats(stats: dict):
     items = stats["by_source"]
     colors = ["tab:green" if key.endswith("/useful") else "tab:red" for key in items]
     bars = ax.barh(list(items), list(items.values()), color=colors)
-    ax.bar_label(bars, fontsize=7, padding=2)
+    ax.bar_label(bars, fontsize=LABEL_SIZE, padding=2)
     ax.set_xlabel("(query, documents) pairs")
     ax.set_title("SFT pairs by source (green: useful, red: noisy)", fontsize=10)
     ax.invert_yaxis()
@@ -144,43 +146,59 @@ def noise_schedule(metrics: list[dict], scheduled, smooth: int = 10, title: str 
     return _done(fig, "noise_schedule")
 
 
-RL_PANELS = {("reward_mean", "em", "f1"): "training reward, EM and F1 (per step)",
+RL_PANELS = {("reward_mean", "em", "f1"): "training rollouts: reward, EM and F1",
              ("val_em", "val_em_1hop", "val_em_2hop"): "validation EM (greedy, real engine)",
-             ("searches_per_answer",): "searches per rollout",
-             ("kl", "entropy"): "KL to the reference and entropy (nats)"}
+             ("searches_per_answer",): "searches per training rollout",
+             ("kl",): "KL to the reference (nats per policy token)"}
 KEY_NAMES = {"reward_mean": "reward", "em": "EM", "f1": "F1", "val_em": "validation EM", "val_em_1hop": "1-hop",
              "val_em_2hop": "2-hop", "kl": "KL",
              "entropy": "entropy", "searches_per_answer": "searches", "invalid_action_rate": "invalid actions",
              "response_tokens": "tokens", "equal_reward_groups": "equal groups"}
 
 
+def _grid(n: int, width: float = 4.4, height: float = 3.3):
+    """A figure of ``n`` panels, at most three to a row (two rows of two for four), and its axes in order;
+    panels left over are hidden."""
+    cols = 2 if n == 4 else min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        fig.delaxes(ax)
+    return fig, flat[:n]
+
+
 def rl_curves(runs: dict[str, list[dict]], panels=tuple(RL_PANELS), smooth: int = 10, titles: dict | None = None,
               name: str = "rl_curves"):
     """One panel per group of metric keys, one line per (run, key): moving averages over steps for
-    keys logged every step, raw points for keys logged every few steps (validation). Panels whose
-    keys no run logged are left out. ``titles`` maps a panel's keys (a tuple) to its title (default:
-    ``RL_PANELS``'s, else the keys)."""
+    keys logged every step (the title says so), raw points for keys logged every few steps
+    (validation). A key whose values equal another's in the same panel (the reward when it is F1) is
+    drawn once, labelled with both. Panels whose keys no run logged are left out. ``titles`` maps a
+    panel's keys (a tuple) to its title (default: ``RL_PANELS``'s, else the keys)."""
     titles = {**RL_PANELS, **(titles or {})}
     panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    for ax, keys in zip(axes[0], panels):
+    fig, axes = _grid(len(panels))
+    for ax, keys in zip(axes, panels):
         smoothed = False
         for run, metrics in runs.items():
+            drawn: dict[tuple, list[str]] = {}  # (steps, values) -> the keys that have them
             for key in keys:
                 logged = [m for m in metrics if key in m and m[key] is not None]
-                if not logged:
-                    continue
-                label = KEY_NAMES.get(key, key) if len(runs) == 1 else f"{run}: {KEY_NAMES.get(key, key)}"
-                values = [m[key] for m in logged]
-                every_step = len(logged) == len(metrics)
+                if logged:
+                    series = (tuple(m["step"] for m in logged), tuple(m[key] for m in logged))
+                    drawn.setdefault(series, []).append(KEY_NAMES.get(key, key))
+            for (steps, values), names in drawn.items():
+                label = " = ".join(names) if len(runs) == 1 else f"{run}: {' = '.join(names)}"
+                every_step = len(steps) == len(metrics)
                 smoothed |= every_step and smooth > 1
-                ax.plot([m["step"] for m in logged], _moving_average(values, smooth) if every_step else values,
+                ax.plot(steps, _moving_average(list(values), smooth) if every_step else values,
                         label=label, marker=None if every_step else "o", markersize=3)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(", ".join(KEY_NAMES.get(k, k) for k in keys) + (f" ({smooth}-step mean)" if smoothed else ""),
-                      fontsize=8)
-        ax.set_title(titles.get(tuple(keys), ", ".join(keys)), fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_xlabel("RL step", fontsize=LABEL_SIZE + 1)
+        ax.set_ylabel(", ".join(KEY_NAMES.get(k, k) for k in keys), fontsize=LABEL_SIZE + 1)
+        title = titles.get(tuple(keys), ", ".join(keys))
+        ax.set_title(title + (f"\n({smooth}-step moving mean)" if smoothed else ""), fontsize=LABEL_SIZE + 2)
+        ax.tick_params(labelsize=LABEL_SIZE)
+        ax.legend(fontsize=LABEL_SIZE)
         ax.grid(alpha=0.3)
     return _done(fig, name)
 
@@ -250,7 +268,7 @@ def results_bars(rows: list[dict], engine: str | None = None, metric: str = "em"
         errors = ([[r[metric] - r["em_ci"][0] for _, r in found], [r["em_ci"][1] - r[metric] for _, r in found]]
                   if metric == "em" else None)
         bars = ax.bar(xs, values, width, yerr=errors, capsize=3, label=method, color=plt.cm.tab10(j % 10))
-        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=7, padding=2, label_type="edge")
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=LABEL_SIZE, padding=2, label_type="edge")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], datasets)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{metric.upper()} (share of questions)")

@@ -6,7 +6,11 @@ search with <search>, read results in <information>, answer in <answer>.
 
 from __future__ import annotations
 
+from .registry import Registry
 from .search import Doc, format_docs
+
+# Generation stops at the end of an action: the policy's turn is over once it searches or answers.
+STOP_STRINGS = ["</search>", "</answer>"]
 
 TAGS = ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
         "<answer>", "</answer>")
@@ -113,18 +117,26 @@ PROMPT_ONLY_DEMO = (
 )
 
 
+def _finetuned_message(query: str, question: str, answer: str, useful: bool, k: int, words: int) -> str:
+    label = "useful" if useful else "noisy"
+    head = SIMULATOR_INSTRUCTION.format(k=k, label=label, words=words, question=question, answer=answer)
+    return f"{head}\nQuery: {query}\n{label.capitalize()} Output:"
+
+
+def _prompt_only_message(query: str, question: str, answer: str, useful: bool, k: int, words: int) -> str:
+    template = PROMPT_ONLY_USEFUL if useful else PROMPT_ONLY_NOISY
+    head = template.format(k=k, words=words, question=question, answer=answer)
+    return f"{head}\n\n{PROMPT_ONLY_DEMO}\nQuery: {query}\nOutput:"
+
+
+# ``simulator.prompt``: the simulator's request for one search call, by variant.
+SIMULATOR_PROMPTS = Registry("simulator.prompt", {"finetuned": _finetuned_message, "prompt_only": _prompt_only_message})
+
+
 def simulator_user_message(query: str, question: str, answer: str, useful: bool, k: int, words: int,
                            variant: str = "finetuned") -> str:
-    """The simulator's request for one search call; ``variant`` is finetuned or prompt_only."""
-    label = "useful" if useful else "noisy"
-    if variant == "finetuned":
-        head = SIMULATOR_INSTRUCTION.format(k=k, label=label, words=words, question=question, answer=answer)
-        return f"{head}\nQuery: {query}\n{label.capitalize()} Output:"
-    if variant == "prompt_only":
-        template = PROMPT_ONLY_USEFUL if useful else PROMPT_ONLY_NOISY
-        head = template.format(k=k, words=words, question=question, answer=answer)
-        return f"{head}\n\n{PROMPT_ONLY_DEMO}\nQuery: {query}\nOutput:"
-    raise ValueError(f"unknown simulator prompt variant {variant!r} (finetuned | prompt_only)")
+    """The simulator's request for one search call, in the ``variant`` of ``SIMULATOR_PROMPTS``."""
+    return SIMULATOR_PROMPTS[variant](query, question, answer, useful, k, words)
 
 
 def render_simulator_prompt(tokenizer, message: str) -> str:

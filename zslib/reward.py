@@ -1,10 +1,16 @@
-"""Answer extraction and QA scores (docs/method.md §8): EM, cover-EM and F1 with SQuAD normalisation."""
+"""Answer extraction and QA scores (docs/method.md §8): EM, cover-EM and F1 with SQuAD normalisation.
+
+Two registries: ``METRICS`` scores an answer against the gold ones (``labeling.metric`` judges
+collected trajectories with it), ``REWARDS`` scores a whole trajectory for RL (``rl.reward``).
+"""
 
 from __future__ import annotations
 
 import re
 import string
 from collections import Counter
+
+from .registry import Registry
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _PUNCT = set(string.punctuation)
@@ -82,3 +88,17 @@ def format_reward(response: str, golden_answers: list[str], answer: str | None =
         return 0.0
     right, valid = exact_match(answer, golden_answers) == 1.0, valid_format(response)
     return {(True, True): 1.0, (True, False): 0.8, (False, True): 0.2, (False, False): 0.1}[(right, valid)]
+
+
+# ``labeling.metric``: (answer or None, golden answers) -> score in [0, 1].
+METRICS = Registry("labeling.metric", {"f1": f1_score, "em": exact_match, "cover_em": cover_exact_match})
+
+# ``rl.reward``: a trajectory's sequence reward from (its answer, the golden answers, its response:
+# everything after the prompt, documents included, whose block order the format reward checks). The
+# answer is the last <answer> block of the policy's own turns: an example answer in a message the
+# policy did not write never counts.
+REWARDS = Registry("rl.reward", {
+    "f1": lambda answer, golden, response: f1_score(answer, golden),
+    "em": lambda answer, golden, response: exact_match(answer, golden),
+    "format": lambda answer, golden, response: format_reward(response, golden, answer=answer),
+})

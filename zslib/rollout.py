@@ -6,7 +6,7 @@ parses the first action, runs all of the turn's searches in one ``search()`` cal
 re-rendering the chat template, and carry a ``loss_mask`` that is 1 only on tokens the policy
 generated.
 
-The inference engine is not here: ``rollout`` drives any backend of ``zslib/backends.py``
+The inference engine is not here: ``rollout`` drives any backend of ``zslib/generation/backends.py``
 (transformers or vLLM) through its ``generate`` and ``release``.
 """
 
@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Callable
 from .prompts import INVALID_ACTION, information_block, render_policy_prompt
 from .search import Doc, format_docs
 
-if TYPE_CHECKING:
-    from .backends import GenerationBackend
+if TYPE_CHECKING:  # for the annotation only
+    from .generation.backends import GenerationBackend
 
-STOP_STRINGS = ["</search>", "</answer>"]
 _ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
@@ -63,15 +62,18 @@ SearchFn = Callable[[list[str], list["Trajectory"]], tuple[list[list[Doc]], list
 
 def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn: SearchFn, cfg,
             temperature: float | None = None, enable_thinking: bool = True,
-            prompts: list[str] | None = None) -> list[Trajectory]:
+            prompts: list[str] | None = None, max_turns: int | None = None) -> list[Trajectory]:
     """Run the protocol on ``rows`` ({"question", "golden_answers"}); ``cfg`` is a RolloutConfig.
 
     ``search_fn(queries, trajectories)`` gets the turn's queries and the rows asking them, so a
     simulator can see each row's question and gold answer; it returns documents per query and
     whether each call was served noisy documents (None for a real engine). ``prompts``: each row's
     rendered prompt, for baselines with prompts of their own (default: the policy prompt).
+    ``max_turns``: searches allowed before the last turn, which may only answer (default
+    ``cfg.max_turns``; 0: answer at once, as the one-shot baselines do).
     """
     temperature = cfg.temperature if temperature is None else temperature
+    max_turns = cfg.max_turns if max_turns is None else max_turns
     trajs = []
     for i, row in enumerate(rows):
         t = Trajectory(row["question"], list(row["golden_answers"]), hop_answers=list(row.get("hop_answers") or []))
@@ -81,11 +83,11 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
         t.prompt_len = len(prompt_ids)
         trajs.append(t)
 
-    for turn in range(cfg.max_turns + 1):
+    for turn in range(max_turns + 1):
         active = [t for t in trajs if not t.done]
         if not active:
             break
-        final_turn = turn == cfg.max_turns  # after max_turns searches, only an answer counts
+        final_turn = turn == max_turns  # after max_turns searches, only an answer counts
         budget = [min(cfg.max_tokens_per_turn, cfg.max_context - len(t.token_ids)) for t in active]
         for t, b in zip(active, budget):
             if b <= 0:
@@ -96,12 +98,12 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
         budget = [b for b in budget if b > 0]
         new_ids = backend.generate([t.token_ids for t in active], max(budget), temperature, cfg.top_p,
                                    continuing=turn > 0)
-        logprobs = getattr(backend, "last_logprobs", None) or [None] * len(active)
+        logprobs = backend.last_logprobs or [[]] * len(active)
         searching: list[tuple[Trajectory, str]] = []
         for t, ids, b, lp in zip(active, new_ids, budget, logprobs):
             ids = ids[:b]
             t.extend(ids, from_policy=True)
-            t.sampled_logprobs += (lp or [])[:b]
+            t.sampled_logprobs += lp[:b]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             t.turns.append(text)
             action = parse_action(text)
@@ -127,8 +129,7 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
         for t in trajs:
             if not t.done and len(t.token_ids) >= cfg.max_context:
                 t.done = True
-    if hasattr(backend, "release"):
-        backend.release()  # the kept cache is stale once the weights change
+    backend.release()  # the kept cache is stale once the weights change
     return trajs
 
 

@@ -21,6 +21,9 @@ from typing import Protocol
 
 import requests
 
+from .files import read_jsonl
+from .registry import Registry
+
 
 @dataclass(frozen=True)
 class Doc:
@@ -52,17 +55,8 @@ def _doc_from_row(row: dict, where: str) -> Doc:
 
 
 def read_corpus(path: str | Path) -> list[Doc]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-            docs.append(_doc_from_row(row, f"{path}, line {n}"))
-    return docs
+    """Every passage of a corpus JSONL; a row without a title and text is an error naming it."""
+    return [_doc_from_row(row, f"{path}, row {n}") for n, row in enumerate(read_jsonl(path), 1)]
 
 
 def _fingerprint(path: Path) -> str:
@@ -125,7 +119,7 @@ class WebSearchEngine:
     def __init__(self, url: str, api_key_env: str = "SERPER_API_KEY", provider: str = "serper",
                  cache_dir: str | Path | None = None, max_retries: int = 4, backoff_s: float = 1.0,
                  timeout_s: float = 20.0, workers: int = 8):
-        if provider not in ("serper", "serpapi"):
+        if provider not in WEB_PROVIDERS:
             raise ValueError(f"provider must be 'serper' or 'serpapi', got {provider!r}")
         self.url, self.api_key_env, self.provider = url, api_key_env, provider
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -191,12 +185,16 @@ class WebSearchEngine:
             return list(pool.map(lambda q: self._search_one(q, topk), queries))
 
 
+# ``search.engine``: (the profile's search section, corpus path, index folder) -> an engine.
+ENGINES = Registry("search.engine", {
+    "bm25": lambda cfg, corpus_path, index_dir: BM25Engine(corpus_path or cfg.corpus_path, index_dir),
+    "web": lambda cfg, corpus_path, index_dir: WebSearchEngine(cfg.web_url, cfg.web_api_key_env, cfg.web_provider,
+                                                               cfg.web_cache_dir),
+    "none": lambda cfg, corpus_path, index_dir: NullEngine(),
+})
+WEB_PROVIDERS = ("serper", "serpapi")  # search.web_provider
+
+
 def make_engine(cfg, corpus_path: str | Path | None = None, index_dir: str | Path | None = None) -> SearchEngine:
-    """The engine a profile's ``search`` section names."""
-    if cfg.engine == "bm25":
-        return BM25Engine(corpus_path or cfg.corpus_path, index_dir)
-    if cfg.engine == "web":
-        return WebSearchEngine(cfg.web_url, cfg.web_api_key_env, cfg.web_provider, cfg.web_cache_dir)
-    if cfg.engine == "none":
-        return NullEngine()
-    raise ValueError(f"search.engine must be 'bm25', 'web' or 'none', got {cfg.engine!r}")
+    """The engine a profile's ``search`` section names (``ENGINES``): the one place engines are built."""
+    return ENGINES[cfg.engine](cfg, corpus_path, index_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from . import config
-from .vllm_backend import engine_args, prepare_environment
+from .generation.vllm_backend import engine_args, prepare_environment
 
 FLAGS = {"dtype": "--dtype", "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "seed": "--seed", "kv_cache_memory_bytes": "--kv-cache-memory-bytes",

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from .curriculum import draw_noisy
-from .models import quiet_loading
+from .generation.models import quiet_loading
 from .progress import tqdm
 from .prompts import render_simulator_prompt, simulator_user_message
+from .registry import Registry
 from .reward import normalize_answer
 from .search import Doc
 
@@ -61,7 +62,7 @@ class InProcessTransport:
                  top_p: float) -> list[str]:
         if k not in self._backends:
             # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
-            from .backends import make_backend
+            from .generation.backends import make_backend
             self._backends[k] = make_backend(self.backend_kind, self.model, self.tokenizer, [f"Doc {k + 1}("],
                                              self.vllm_cfg, reuse_cache=False)
         texts = []
@@ -181,24 +182,35 @@ class SimulatedEngine:
         return [parse_docs(text, topk)[0] for text in raw]
 
 
+def _http_transport(profile, finetuned: bool, loaded, device):
+    """(transport, tokenizer) for the simulator server at ``simulator.url``."""
+    from transformers import AutoTokenizer
+    cfg = profile.simulator
+    tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(
+        str(profile.simulator_dir if finetuned else profile.simulator_path))
+    name = cfg.served_name if finetuned else f"{cfg.served_name}-base"
+    return HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls), tokenizer
+
+
+def _inprocess_transport(profile, finetuned: bool, loaded, device):
+    """(transport, tokenizer) for the simulator generating in this process."""
+    model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
+    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm, profile.simulator.batch_calls)
+    return transport, tokenizer
+
+
+# ``simulator.serve``: (profile, fine-tuned or base, a loaded (model, tokenizer) or None, device) -> (transport, tokenizer).
+TRANSPORTS = Registry("simulator.serve", {"inprocess": _inprocess_transport, "http": _http_transport})
+
+
 def engine_for(profile, finetuned: bool = True, variant: str | None = None, loaded=None, device: str | None = None,
                serve: str | None = None):
     """The profile's simulator as a search engine, the one way to build one: the fine-tuned simulator
-    (or the base, ``finetuned=False``) in this process on the profile's generation backend, or, with
-    ``simulator.serve: http`` (or ``serve="http"``), the server at ``simulator.url``. ``loaded``: a
-    ``(model, tokenizer)`` already in memory (in-process only)."""
-    cfg = profile.simulator
-    serve = serve or cfg.serve
-    if serve == "http":
-        from transformers import AutoTokenizer
-        tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(
-            str(profile.simulator_dir if finetuned else profile.simulator_path))
-        name = cfg.served_name if finetuned else f"{cfg.served_name}-base"
-        transport = HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls)
-        return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
-    model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
-    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm, cfg.batch_calls)
-    return SimulatedEngine(transport, tokenizer, cfg, variant=variant)
+    (or the base, ``finetuned=False``) through the transport ``simulator.serve`` names (or ``serve``):
+    in this process on the profile's generation backend, or the server at ``simulator.url``.
+    ``loaded``: a ``(model, tokenizer)`` already in memory (its tokenizer only, over HTTP)."""
+    transport, tokenizer = TRANSPORTS[serve or profile.simulator.serve](profile, finetuned, loaded, device)
+    return SimulatedEngine(transport, tokenizer, profile.simulator, variant=variant)
 
 
 def hop_answer(query: str, golden: str, hop_answers: list[str]) -> str:

@@ -2,7 +2,7 @@
 
 A backend turns a batch of token-id prompts into new token ids, each row stopping at a stop string
 or EOS. Collection, RL, evaluation, the LLM judge and the in-process simulator all get theirs from
-``make_backend``, so a new inference engine is one branch here.
+``make_backend``, so a new inference engine is one entry of ``BACKENDS`` here.
 
 - ``hf``: ``hf_backend.HFBackend``, transformers with our own batched decoding loop (the default;
   runs everywhere);
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .rollout import STOP_STRINGS
-
-BACKENDS = ("hf", "vllm")
+from ..prompts import STOP_STRINGS
+from ..registry import Registry
 
 
 class BackendError(RuntimeError):
@@ -27,6 +26,9 @@ class GenerationBackend(Protocol):
     """What ``rollout.rollout`` and the simulator need of an inference engine."""
 
     generated_tokens: int  # every token generated so far (the cost a simulator reports)
+    # Per row of the last ``generate`` call, the log-prob of each token it returned, as the engine
+    # sampled it (vLLM); an empty list when the backend does not report them (HF).
+    last_logprobs: list[list[float]]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  top_p: float, continuing: bool = False) -> list[list[int]]:
@@ -41,26 +43,36 @@ class GenerationBackend(Protocol):
         """The model's weights changed (a policy update): generate with the new ones from now on."""
 
 
-def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = None, vllm_cfg=None, **options):
-    """A generation backend of ``kind`` for ``model`` (an in-memory transformers model).
+def _hf(model, tokenizer, stop_strings, vllm_cfg, **options):
+    from .hf_backend import HFBackend
+    return HFBackend(model, tokenizer, stop_strings, **options)
 
-    ``vllm_cfg``: the profile's ``vllm`` section (defaults when None). ``options`` go to the
+
+def _vllm(model, tokenizer, stop_strings, vllm_cfg, **options):
+    try:
+        from .vllm_backend import VLLMBackend
+    except ImportError as e:
+        raise BackendError(f"rollout.backend: vllm needs the vllm package ({e}); `make install` installs "
+                           "its CPU build, or use rollout.backend: hf") from None
+    if vllm_cfg is None:
+        raise BackendError("a vllm backend needs the profile's vllm settings (P.vllm, or config.VLLMConfig())")
+    options.pop("reuse_cache", None)  # vLLM's prefix cache decides what to reuse
+    return VLLMBackend(model, tokenizer, stop_strings, vllm_cfg, **options)
+
+
+# ``rollout.backend``: (model, tokenizer, stop strings, vllm settings, options) -> a GenerationBackend.
+BACKENDS = Registry("rollout.backend", {"hf": _hf, "vllm": _vllm})
+
+
+def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = None, vllm_cfg=None, **options):
+    """A generation backend of ``kind`` (``BACKENDS``) for ``model`` (an in-memory transformers model).
+
+    ``vllm_cfg``: the profile's ``vllm`` section (needed for ``vllm``). ``options`` go to the
     backend: for ``hf``, ``reuse_cache`` (and the benchmark switches of ``HFBackend``); for
     ``vllm``, ``logprobs`` (return each generated token's log-prob, default True)."""
-    stop_strings = stop_strings or STOP_STRINGS
-    if kind == "hf":
-        from .hf_backend import HFBackend
-        return HFBackend(model, tokenizer, stop_strings, **options)
-    if kind == "vllm":
-        try:
-            from .vllm_backend import VLLMBackend
-        except ImportError as e:
-            raise BackendError(f"rollout.backend: vllm needs the vllm package ({e}); `make install` installs "
-                               "its CPU build, or use rollout.backend: hf") from None
-        from .config import VLLMConfig
-        options.pop("reuse_cache", None)  # vLLM's prefix cache decides what to reuse
-        return VLLMBackend(model, tokenizer, stop_strings, vllm_cfg or VLLMConfig(), **options)
-    raise BackendError(f"rollout.backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
+    if kind not in BACKENDS:
+        raise BackendError(f"rollout.backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
+    return BACKENDS[kind](model, tokenizer, stop_strings or STOP_STRINGS, vllm_cfg, **options)
 
 
 def backend_for(profile, model, tokenizer, stop_strings: list[str] | None = None, **options):

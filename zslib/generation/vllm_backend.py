@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from ..files import ROOT
+
 _ENGINES: dict[str, dict] = {}  # key -> {"llm", "owner" (the backend whose weights it holds), "dir"}
 
 
@@ -127,7 +128,7 @@ def _engine(model, tokenizer, cfg) -> tuple[dict, bool]:
         model.generation_config.save_pretrained(folder)
     save_file(_weights(model, dtype), str(folder / "model.safetensors"))
     tokenizer.save_pretrained(folder)
-    llm = LLM(model=str(folder), tokenizer=str(folder), worker_extension_cls="zslib.vllm_backend.WeightSync",
+    llm = LLM(model=str(folder), tokenizer=str(folder), worker_extension_cls="zslib.generation.vllm_backend.WeightSync",
               **engine_args(cfg, dtype))
     if not _ENGINES:
         # Stop the engines while the interpreter is whole: left to vLLM's finalizers at exit, the

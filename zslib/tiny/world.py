@@ -13,10 +13,11 @@ Same seed -> byte-identical files (sorted keys, fixed iteration order, no set or
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..files import read_jsonl, write_jsonl
 
 SPLITS = ("train", "dev", "test")
 
@@ -229,8 +230,6 @@ def make_questions(world: dict, cfg: WorldConfig) -> dict[str, list[dict]]:
 
 def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     """Build the world and write entities, corpus and question splits as JSONL."""
-    from .data import write_jsonl  # here, not at the top: data -> config -> world
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = build_world(cfg)
@@ -262,5 +261,4 @@ def invented_world(cfg: WorldConfig, seed: int, taken: set[str]) -> tuple[list[d
 
 
 def load_entities(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)

@@ -1,7 +1,7 @@
 """The HF generation backend: a transformers causal LM decoding batches with our own loop.
 
 Rows leave the batch as they stop (at a stop string or EOS), the KV cache is kept across turns,
-and a long common prefix (the prompt template) is encoded once. ``zslib/backends.py`` builds it;
+and a long common prefix (the prompt template) is encoded once. ``zslib/generation/backends.py`` builds it;
 ``benchmarks/rollout.py`` measures each of these choices against the plain version.
 """
 
@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from .models import use_grouped_sdpa_on_cpu
-from .rollout import STOP_STRINGS
+from ..prompts import STOP_STRINGS
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are encoded with each row (an extra call costs more)
 PREFILL_GROUPS = 4  # at most this many prefill calls per batch, each for rows of similar length
@@ -41,6 +41,7 @@ class HFBackend:
         self.prefill_groups = prefill_groups
         use_grouped_sdpa_on_cpu(model)  # padded batches: no copy of the KV cache per layer and step
         self.generated_tokens = 0  # tokens the model produced, including any cut off afterwards
+        self.last_logprobs: list[list[float]] = []  # not recorded: the trainer computes its own
         self.prefilled_tokens = 0  # prompt tokens encoded (those taken from the cache are not)
         self.prefill_positions = 0  # positions the prefill computed: those tokens and their padding
         self.pad_id = tokenizer.pad_token_id

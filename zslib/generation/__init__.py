@@ -1,0 +1,6 @@
+"""Generation engines: loading models, and turning token-id prompts into new token ids.
+
+``backends`` holds the ``GenerationBackend`` protocol and its one factory; ``hf_backend`` decodes
+with transformers in a loop of our own; ``vllm_backend`` drives a vLLM engine; ``models`` loads
+models and tokenizers the same way for every profile and says where bf16 is fast.
+"""
