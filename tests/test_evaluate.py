@@ -207,7 +207,7 @@ def test_compare_says_ahead_behind_or_level_and_whether_the_intervals_overlap():
     rows = [row("rl", 0.70, 0.65, 0.75), row("base", 0.52, 0.46, 0.58), row("rag", 0.68, 0.62, 0.74),
             row("direct", 0.70, 0.64, 0.76)]
     lines = compare(rows, "rl", ["base", "rag", "direct", "missing"], "d", "e")
-    assert lines == ["rl 70.0 EM against base 52.0 on d (+18.0 points): ahead, intervals apart.",
-                     "rl 70.0 EM against rag 68.0 on d (+2.0 points): ahead, but the intervals overlap.",
-                     "rl 70.0 EM against direct 70.0 on d (+0.0 points): level, and the intervals overlap."]
+    assert lines == ["rl EM 0.700 against base 0.520 on d (+0.180): ahead, intervals apart.",
+                     "rl EM 0.700 against rag 0.680 on d (+0.020): ahead, but the intervals overlap.",
+                     "rl EM 0.700 against direct 0.700 on d (+0.000): level, and the intervals overlap."]
     assert compare(rows, "ppo", ["base"], "d", "e") == ["ppo was not evaluated on d with e."]

@@ -277,11 +277,11 @@ def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]]
 
 
 def results_markdown(rows: list[dict]) -> str:
-    """The result rows as a markdown table (EM, cover-EM and F1 in points)."""
+    """The result rows as a markdown table; every score is a fraction in 0..1, as everywhere in the workbench."""
     head = ("| method | dataset | engine | EM | 95% interval | cover-EM | F1 | searches/q | searched | invalid "
             "| answer tokens | n |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['method']} | {r['dataset']} | {r['engine']} | {100 * r['em']:.1f} | "
-             f"{100 * r['em_ci'][0]:.1f}–{100 * r['em_ci'][1]:.1f} | {100 * r['cover_em']:.1f} | {100 * r['f1']:.1f} | "
+    lines = [f"| {r['method']} | {r['dataset']} | {r['engine']} | {r['em']:.3f} | "
+             f"{r['em_ci'][0]:.3f}–{r['em_ci'][1]:.3f} | {r['cover_em']:.3f} | {r['f1']:.3f} | "
              f"{r['searches_per_question']:.2f} | {r['searched_share']:.2f} | {r['invalid_rate']:.2f} | "
              f"{r['answer_tokens']:.1f} | {r['n']} |" for r in rows]
     return head + "\n".join(lines) + "\n"
@@ -340,13 +340,12 @@ def compare(rows: list[dict], method: str, against: list[str], dataset: str, eng
         r = by.get((other, dataset, engine))
         if r is None:
             continue
-        gap = 100 * (me["em"] - r["em"])
+        gap = me["em"] - r["em"]
         overlap = me["em_ci"][0] <= r["em_ci"][1] and r["em_ci"][0] <= me["em_ci"][1]
         verdict = ("level" if gap == 0 else "ahead" if gap > 0 else "behind") + (
             ", and the intervals overlap" if overlap and gap == 0 else ", but the intervals overlap" if overlap
             else ", intervals apart")
-        out.append(f"{method} {100 * me['em']:.1f} EM against {other} {100 * r['em']:.1f} on {dataset} "
-                   f"({gap:+.1f} points): {verdict}.")
+        out.append(f"{method} EM {me['em']:.3f} against {other} {r['em']:.3f} on {dataset} ({gap:+.3f}): {verdict}.")
     return out
 
 

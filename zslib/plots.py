@@ -79,7 +79,7 @@ def score_bars(results: dict[str, dict], metrics=("em", "f1", "well_formed_first
         xs = [i + j * width for i in range(len(results))]
         values = [r[m] for r in results.values()]
         bars = ax.bar(xs, values, width, label=m.replace("_", " "))
-        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=LABEL_SIZE - 1, padding=1)
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], fontsize=LABEL_SIZE, padding=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))], list(results), fontsize=LABEL_SIZE)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("share (0-1)")
@@ -212,6 +212,15 @@ def collapse_signs(runs: dict[str, list[dict]], smooth: int = 5):
     """The signs of a collapsing RL run, one panel each: entropy, KL, invalid-action rate, response
     length and the share of groups whose rollouts all scored the same (no GRPO signal)."""
     return rl_curves(runs, panels=tuple(COLLAPSE_PANELS), smooth=smooth, titles=COLLAPSE_PANELS, name="collapse_signs")
+
+
+def question_start(tokenizer, token_ids: list[int], prompt_len: int) -> int:
+    """The position of the prompt's last ``Question:``: where a trajectory is worth reading from (the
+    instruction before it is the same for every question)."""
+    for i in range(prompt_len - 1, -1, -1):
+        if "Question:" in tokenizer.decode(token_ids[i:prompt_len]):
+            return i
+    return 0
 
 
 def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) -> str:

@@ -343,6 +343,16 @@ class RLTrainer:
             out["value_loss"] = vloss.item()
         return out
 
+    def rollout_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Each rollout's mean log-prob per token of its own (mask-1) tokens under the current policy,
+        ``[B]``, without gradient: an update should raise it where the advantage is positive and lower
+        it where it is negative."""
+        chunks = torch.arange(len(batch.input_ids)).split(self.cfg.mini_batch_size)
+        with torch.no_grad(), self._autocast():
+            logp = torch.cat([token_logprobs(self.policy, batch.input_ids[i])[0] for i in chunks])
+        mask = batch.mask.to(logp.dtype)
+        return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
     def sync_weights(self) -> None:
         """After an update: the rollout backend generates with the new weights (a vLLM engine gets
         them sent; the HF backend drops the cache it built with the old ones)."""

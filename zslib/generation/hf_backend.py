@@ -120,9 +120,10 @@ class HFBackend:
         return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
 
-    # The new tokens of a batch are left padded to the longest row's. In a tiny rollout that
-    # padding was 17% of the positions the prefill computed, and the prefill half of the time, so
-    # rows of similar length are encoded together and their caches joined afterwards.
+    # The new tokens of a batch are left padded to the longest row's. In a tiny rollout that padding
+    # was a large share of what the prefill computed, and the prefill a large share of the time
+    # (docs/results.md, "Figures behind the code"), so rows of similar length are encoded together
+    # and their caches joined afterwards.
 
     def _prefill(self, ids, attn, positions, cache) -> torch.Tensor:
         """Encode every row's new tokens into ``cache`` (in place); the last position's logits."""
@@ -185,8 +186,9 @@ class HFBackend:
         return cache, mask
 
     # A multi-turn rollout sends each row back with its generated tokens and a document block
-    # appended. Re-encoding the whole context every turn encoded 1.7x the tokens (tiny profile),
-    # so the cache of the previous call is kept and only each row's new tokens are encoded.
+    # appended. Re-encoding the whole context every turn encodes most tokens several times over
+    # (docs/results.md, "Figures behind the code"), so the cache of the previous call is kept and
+    # only each row's new tokens are encoded.
 
     def _reuse_plan(self, prompts) -> list[tuple[int, int]] | None:
         """(kept row, tokens reused) per prompt, in order, or None when a prompt extends no kept row."""

@@ -16,8 +16,8 @@ def fast_bf16(device: str) -> tuple[bool, str]:
     """Whether bf16 autocast is fast on ``device`` ("cpu" or "cuda"), and a line saying why.
 
     A GPU: when it supports bf16. A CPU: when oneDNN has bf16 kernels for it (AVX512 or AMX on x86,
-    BF16 on Arm); elsewhere torch emulates bf16, and a training step of the tiny models took 20.9x as long
-    as in fp32 on an AVX2 CPU (``benchmarks/precision.py``)."""
+    BF16 on Arm); elsewhere torch emulates bf16, many times slower than fp32 (``benchmarks/precision.py``;
+    docs/results.md has the figure)."""
     if device.startswith("cuda"):
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return ok, f"the GPU {'supports' if ok else 'does not support'} bf16"
@@ -28,7 +28,7 @@ def fast_bf16(device: str) -> tuple[bool, str]:
         ok = False
     if ok:
         return ok, f"this CPU ({capability}) has fast bf16 kernels"
-    return ok, f"this CPU ({capability}) has no fast bf16 kernels: bf16 autocast is emulated, about 20x slower than fp32"
+    return ok, f"this CPU ({capability}) has no fast bf16 kernels: bf16 autocast is emulated, many times slower than fp32"
 
 
 def quiet_loading() -> None:
@@ -69,8 +69,8 @@ def sdpa_with_grouped_kv(module, query, key, value, attention_mask, dropout: flo
 
     transformers copies the K/V heads up to the query heads whenever there is a padding mask
     (CUDA's fast kernels need that), so batched generation on the CPU copied the whole KV cache
-    in every layer at every step: 30% of a rollout's time. Torch's CPU kernel takes the grouped
-    heads and the mask as they are (13x faster for one decoding step of 64 rows, same output).
+    in every layer at every step. Torch's CPU kernel takes the grouped heads and the mask as they
+    are: the same output, much faster (docs/results.md, "Figures behind the code").
     """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -9,8 +9,8 @@ no restart.
 
 Engines are shared: one per (architecture, dtype, ``vllm:`` settings) for the life of the process,
 so tests, evaluation and validation do not pay the start (30-40 s on a CPU) again. When a second
-model of the same architecture uses a shared engine, its weights are loaded first (about 0.3 s
-for a tiny model); a backend whose weights are not the engine's loads its own again before it
+model of the same architecture uses a shared engine, its weights are loaded first (a fraction of
+a second for a tiny model); a backend whose weights are not the engine's loads its own again before it
 generates.
 
 The CPU build needs three things (docs/method.md §17): an explicit KV-cache size, folders of its
@@ -169,7 +169,7 @@ class VLLMBackend:
         self.last_logprobs: list[list[float]] = []  # per row of the last call, one per generated token
 
     def load_weights(self) -> None:
-        """Send the model's current weights into the running engine (about 0.3 s for a tiny model)."""
+        """Send the model's current weights into the running engine."""
         from safetensors.torch import save
         self.llm.collective_rpc("zs_load_weights", args=(save(_weights(self.model, self.dtype)),))
         self.llm.reset_prefix_cache()  # cached keys and values were computed with the old weights

@@ -154,10 +154,10 @@ def copy_warmup(model, tokenizer, cfg, log_path, seed: int, years: float = 0.0, 
 def answer_copy_phase(profile, model, tokenizer, entities: list[dict], log_path, after: list[dict]) -> list[dict]:
     """Phase 3 of the simulator base: copy drills with years among the names, and answer drills.
 
-    After the main phase the simulator copied an answer name from the line above 82% of the time
-    but a year 6% (chance), and fine-tuning did not teach it (0% of years, even on training
-    rows). After these 300 steps (2 minutes): years 100%, names 95% (400 held-out drills).
-    Mixing the same drills into the main phase instead did not work (years 10%, names 26%).
+    After the main phase the simulator copied an answer name from the line above most of the time
+    but a year only by chance, and fine-tuning did not teach it; after this phase it copies both.
+    Mixing the same drills into the main phase instead did not work (docs/results.md, "Figures
+    behind the code").
     """
     cfg = profile.tiny
     examples = copy_drills(tokenizer, 20 * cfg.simulator_copy_steps, seed=profile.seed + 7, number_share=0.4)
@@ -180,8 +180,8 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
     paths = {"simulator-base": Path(profile.simulator_path), "policy-base": Path(profile.policy_path)}
     todo = [name for name, path in paths.items() if rebuild or not (path / "config.json").exists()]
     # The policy's warm-up holds years and titles (it copies both into queries and answers). The
-    # simulator's stays names only: with years and titles there, its fine-tuned documents held a
-    # year answer 15% of the time instead of copying it from the prompt (its own phase 3 teaches years).
+    # simulator's stays names only: with years and titles there, its fine-tuned documents rarely held a
+    # year answer (docs/results.md, "Figures behind the code"); its own phase 3 teaches years.
     shares = {"simulator-base": (0.0, 0.0, cfg.copy_warmup_steps),
               "policy-base": (cfg.copy_years, cfg.copy_titles, cfg.policy_copy_warmup_steps)}
     warm = {}  # (years, titles, steps) -> (model, log): one warm-up per kind, shared when both bases want the same

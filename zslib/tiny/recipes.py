@@ -96,8 +96,9 @@ def first_thought(q: dict) -> str:
     Without it the decision to search came right after "<think> I", and a base trained on the
     same recipe on another CPU never searched: the decision had to read the relation from the
     question across the whole prompt, and the base had learned only the share of demonstrations
-    that answer from memory (+0.2 nats toward memory for every relation). Naming the relation
-    first makes the decision depend on the words just before it.
+    that answer from memory (the same small margin toward memory for every relation: docs/results.md,
+    "Figures behind the code"). Naming the relation first makes the decision depend on the words
+    just before it.
     """
     return f"<think> This asks for {RELATION_TOPICS[q['relation'].split('/')[-1]]}."
 
@@ -240,15 +241,16 @@ def copy_drills(tokenizer, n: int, seed: int, number_share: float = 0.0, title_s
     Predicting the repeat is pure copying (the names are new each time, so nothing can be
     recalled). A short warm-up on these grows the attention circuit (induction heads) that the
     policy needs to copy unseen names into its queries and answers; demonstrations alone grow
-    it too slowly for a CPU budget (a probe: 25% of test queries copied after 500 steps).
+    it too slowly for a CPU budget (a probe, docs/method.md §12).
 
     With ``number_share`` > 0 that share of the items are years. Year tokens (" 180", " 195", …)
     occur in identical contexts, so a model that never had to reproduce one exactly keeps them
-    nearly interchangeable and cannot copy them: the first simulator base copied a name from the
-    line above 82% of the time and a year 6% (chance), and fine-tuning did not fix it. The same
+    nearly interchangeable and cannot copy them: the first simulator base copied names from the
+    line above and years only by chance, and fine-tuning did not fix it. The same
     holds for the common words of book and film titles ("Harbor", "Orchard"): with ``title_share`` >
-    0 that share of the other items are titles. A policy base without both copied 0% of the years
-    and wrote "The Last Signal of Fashax" for "The Last Orchard of Hustax" in its queries.
+    0 that share of the other items are titles. A policy base without both copied no years and wrote
+    "The Last Signal of Fashax" for "The Last Orchard of Hustax" in its queries (docs/results.md, "Figures
+    behind the code").
     """
     rng = random.Random(seed)
     namer = Namer(rng)
