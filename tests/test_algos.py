@@ -115,6 +115,18 @@ def test_value_loss_clip():
     assert algos.value_loss(values, old, returns, mask, clip=0.5).item() == pytest.approx((0.125 + 0.5) / 2)
 
 
+def test_rloo_baseline_is_the_mean_of_the_other_rollouts_of_the_group():
+    scores = T([1.0, 0.0, 0.0, 1.0, 0.5, 2.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    mask = T([[1, 1, 0]] * 6)
+    adv = algos.rloo_advantages(scores, groups, mask)
+    # group 0: 1 - (0 + 0)/2 = 1, 0 - (1 + 0)/2 = -0.5 twice; group 1: 1 - 0.5, 0.5 - 1; a group of one: baseline 0
+    expected = T([1.0, -0.5, -0.5, 0.5, -0.5, 2.0])
+    assert torch.allclose(adv, expected[:, None] * mask)
+    advantages, returns = algos.ALGORITHMS["rloo"].advantages(scores, groups, mask, None, None)
+    assert torch.equal(advantages, adv) and returns is None and not algos.ALGORITHMS["rloo"].needs_critic
+
+
 def test_kl_estimators():
     lp, ref = T([math.log(0.5)]), T([math.log(0.25)])
     d = math.log(2)

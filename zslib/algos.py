@@ -71,6 +71,18 @@ def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.T
     return adv.unsqueeze(-1) * mask.to(scores.dtype)
 
 
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO: A_i = s_i - (sum of the other scores of its group) / (n_g - 1), the same on every mask-1
+    token of sequence i; each rollout's baseline is its group without it. A group of one has baseline 0."""
+    adv = scores.clone()
+    for g in torch.unique(group_ids):
+        rows = group_ids == g
+        n = int(rows.sum())
+        if n > 1:
+            adv[rows] = scores[rows] - (scores[rows].sum() - scores[rows]) / (n - 1)
+    return adv.unsqueeze(-1) * mask.to(scores.dtype)
+
+
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Returns scanned backwards over mask-1 tokens; a mask-0 token stores 0 and passes the
     running return through unchanged (resetting it there was a bug in older verl)."""
@@ -181,6 +193,7 @@ class Algorithm:
 ALGORITHMS = Registry("rl.algorithm", {
     "grpo": Algorithm(lambda scores, groups, mask, values, cfg:
                       (grpo_advantages(scores, groups, mask, norm_by_std=cfg.norm_by_std), None)),
+    "rloo": Algorithm(lambda scores, groups, mask, values, cfg: (rloo_advantages(scores, groups, mask), None)),
     "reinforce_pp": Algorithm(lambda scores, groups, mask, values, cfg:
                               (reinforce_pp_advantages(last_token_scores(scores, mask), mask, cfg.gamma), None)),
     "reinforce_pp_baseline": Algorithm(lambda scores, groups, mask, values, cfg:
