@@ -35,7 +35,7 @@ def test_a_collapsing_run_names_each_sign():
     # drops 0.7 -> 0.55 (> 0.05), 2-hop 0.5 -> 0.2 (> 0.15)
     healthy, lines = reports.collapse_report(_run((0.4, 0.8), (0.05, 0.25), (0.3, 0.4), [0.6, 0.7, 0.6, 0.55],
                                                   [0.3, 0.5, 0.3, 0.2]))
-    assert not healthy and lines[0].startswith("4 signs of collapse")
+    assert not healthy and lines[0].startswith("4 signs of collapse (entropy of the policy's tokens; invalid actions")
     signs = [line for line in lines if line.startswith("SIGN")]
     assert [s.split(":")[0].removeprefix("SIGN  ") for s in signs] == [
         "entropy of the policy's tokens", "invalid actions per turn", "1-hop validation EM", "2-hop validation EM"]
@@ -115,6 +115,13 @@ def test_evaluation_summary_and_baseline_notes_use_the_rows_numbers():
         "2-hop (4 questions): EM 0.200 -> 0.500 (+0.300); searches per question 1.00 -> 1.50; searched 90% -> 100%."]
     assert list(reports.by_kind({"base": base, "trained": trained})) == ["base 1-hop", "trained 1-hop", "base 2-hop",
                                                                           "trained 2-hop"]
-    notes = reports.baseline_notes([{"method": "direct", "dataset": "tiny 1-hop", "searches_per_question": 1.2,
-                                     "invalid_rate": 0.62}], tiny=True)
-    assert notes[0].startswith("direct on tiny 1-hop: 1.20 searches per question and 0.62 of its responses")
+    rows = [{"method": "direct", "dataset": "d", "engine": "e", "searches_per_question": 1.2, "invalid_rate": 0.5},
+            {"method": "rag", "dataset": "d", "engine": "e", "searches_per_question": 0.0, "invalid_rate": 0.25}]
+    said = ["<search> x </search>\n\n<information></information>\n\n<answer> a </think>", "<answer> b </answer>"]
+    predictions = [{"method": "direct", "dataset": "d", "engine": "e", "response": x} for x in said]
+    predictions += [{"method": "rag", "dataset": "d", "engine": "e", "response": x}
+                    for x in ["<answer> c </answer>"] * 3 + ["<think> hop </think>\n<search> q </search>"]]
+    notes = reports.baseline_notes(rows, predictions, tiny=True)
+    assert notes[0].startswith("direct on d: 1.20 searches per question, and 0.50 of its responses out of the")
+    assert "0.50 of its responses hold an empty <information> block" in notes[0]
+    assert "0.25 of its responses are out of the protocol's order, and 0.25 end in a search" in notes[1]

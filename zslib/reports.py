@@ -96,9 +96,10 @@ def collapse_report(metrics: list[dict], drop_bar: float = 0.05, drop_bar_2hop: 
         lines.append(f"{'SIGN' if bad else 'ok  '}  {name if key != 'val_em' else 'validation EM'}: best "
                      f"{best[key]:.3f} at step {best['step']}, last {validated[-1][key]:.3f} (a drop of {drop:.3f}; "
                      f"{'above' if bad else 'within'} {bar:.2f}).")
+    named = [line.split(":")[0].removeprefix("SIGN").strip() for line in lines if line.startswith("SIGN")]
     verdict = ("Healthy: none of the signs of collapse." if signs == 0 else
-               f"{signs} sign{'s' if signs > 1 else ''} of collapse: read the curves above before trusting the last step "
-               "(with rl.keep_best the best-validated step is the trained policy).")
+               f"{signs} sign{'s' if signs > 1 else ''} of collapse ({'; '.join(named)}): read the curves above before "
+               "trusting the last step (with rl.keep_best the best-validated step is the trained policy).")
     return signs == 0, [verdict] + lines
 
 
@@ -211,22 +212,31 @@ def recall_note(generated: str, article: str) -> str:
 
 # ---------------------------------------------------------------- notebook 05: the baselines
 
-def baseline_notes(rows: list[dict], tiny: bool) -> list[str]:
-    """What the baselines' search and invalid figures mean (result rows of ``evaluate.evaluate_all``)."""
+def baseline_notes(rows: list[dict], predictions: list[dict], tiny: bool) -> list[str]:
+    """What the baselines' search and invalid figures mean, counted from their responses (result rows
+    and predictions of ``evaluate.evaluate_all``)."""
+    def responses(r):
+        return [p["response"] for p in predictions if (p["method"], p["dataset"], p["engine"]) ==
+                (r["method"], r["dataset"], r["engine"])]
+
     lines = []
     for r in rows:
+        said = responses(r)
         if r["method"] == "direct" and tiny:
+            empty = _mean([("<information></information>" in x) for x in said])
             lines.append(
-                f"direct on {r['dataset']}: {r['searches_per_question']:.2f} searches per question and "
-                f"{r['invalid_rate']:.2f} of its responses out of the protocol's order. On the tiny profile `direct` is "
-                "the policy base with an engine that returns nothing: the base knows only the search protocol, so it "
-                "still searches, reads an empty <information> block, and often searches again or answers out of order; "
-                "its searches cost nothing and find nothing.")
+                f"direct on {r['dataset']}: {r['searches_per_question']:.2f} searches per question, and {r['invalid_rate']:.2f} "
+                f"of its responses out of the protocol's order. On the tiny profile `direct` is the policy base with "
+                f"an engine that returns nothing: the base knows only the search protocol, so it still searches; "
+                f"{empty:.2f} of its responses hold an empty <information> block, which it never saw in training, and "
+                f"the turn after one often breaks the protocol (an unclosed tag, a thought inside <answer>). Its "
+                f"searches cost nothing and find nothing.")
         elif r["method"] == "rag":
-            lines.append(f"rag on {r['dataset']}: one retrieval with the question, given up front; "
-                         f"{r['invalid_rate']:.2f} of its responses out of the protocol's order"
-                         + (" (the documents come as an <information> block with no <search> before it, which the "
-                            "format check counts as out of order)" if tiny and r["invalid_rate"] > 0.5 else "") + ".")
+            stopped = _mean([x.rstrip().endswith("</search>") for x in said])
+            lines.append(f"rag on {r['dataset']}: one retrieval with the question, given up front, and one turn that may "
+                         f"only answer; {r['invalid_rate']:.2f} of its responses are out of the protocol's order, and "
+                         f"{stopped:.2f} end in a search, which that one turn does not serve, so they give no answer "
+                         f"(on 2-hop questions that search is the second hop).")
     return lines
 
 
