@@ -239,7 +239,7 @@ def masked_tokens_html(tokenizer, token_ids: list[int], loss_mask: list[int]) ->
 
 
 def decision_margins(by_relation: dict[str, dict]):
-    """The policy base's first decision per relation (``tiny.evaluate_base``): mean margin
+    """The policy base's first decision per relation (``tiny.base_eval.evaluate_base``): mean margin
     log p(search) - log p(answer from memory) in nats, memory relations in orange, with the range
     of single questions as a line; the greedy searched share is in each relation's label."""
     names = list(by_relation)
