@@ -70,7 +70,7 @@ def test_sample_notes_flag_a_useful_call_without_the_answer_and_read_only_the_po
     assert notes[0] == "answer 'Masa': right (gold 'Masa'), reward 1.00"
     assert notes[1].endswith("useful documents that state 'Masa', as asked")
     assert "noisy documents, yet they state the answer" in notes[2]
-    assert "do not state 'Masa': a simulator error" in notes[3]
+    assert "do not state 'Masa': the simulator missed" in notes[3]
     # A 2-hop question's first search should find the bridge entity, not the final answer.
     two_hop = {"hop_answers": ["Teabe College", "Masa"]}
     first = [{"query": "Where did Xo study?", "docs": [["Xo", "Xo studied at Teabe College."]], "noisy": False}]

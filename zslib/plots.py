@@ -173,21 +173,28 @@ def rl_curves(runs: dict[str, list[dict]], panels=tuple(RL_PANELS), smooth: int 
     """One panel per group of metric keys, one line per (run, key): moving averages over steps for
     keys logged every step (the title says so), raw points for keys logged every few steps
     (validation). A key whose values equal another's in the same panel (the reward when it is F1) is
-    drawn once, labelled with both. Panels whose keys no run logged are left out. ``titles`` maps a
-    panel's keys (a tuple) to its title (default: ``RL_PANELS``'s, else the keys)."""
+    drawn once, labelled with both (equal to 1e-6: the reward is a float32 mean, F1 a float64 one).
+    Panels whose keys no run logged are left out. ``titles`` maps a panel's keys (a tuple) to its title
+    (default: ``RL_PANELS``'s, else the keys)."""
     titles = {**RL_PANELS, **(titles or {})}
     panels = [keys for keys in panels if any(key in m for metrics in runs.values() for m in metrics for key in keys)]
     fig, axes = _grid(len(panels))
     for ax, keys in zip(axes, panels):
         smoothed = False
         for run, metrics in runs.items():
-            drawn: dict[tuple, list[str]] = {}  # (steps, values) -> the keys that have them
+            drawn: list[tuple[tuple, tuple, list[str]]] = []  # (steps, values, the keys that have them)
             for key in keys:
                 logged = [m for m in metrics if key in m and m[key] is not None]
-                if logged:
-                    series = (tuple(m["step"] for m in logged), tuple(m[key] for m in logged))
-                    drawn.setdefault(series, []).append(KEY_NAMES.get(key, key))
-            for (steps, values), names in drawn.items():
+                if not logged:
+                    continue
+                steps, values = tuple(m["step"] for m in logged), tuple(m[key] for m in logged)
+                same = next((d for d in drawn if d[0] == steps and all(abs(a - b) <= 1e-6 for a, b in zip(d[1], values))),
+                            None)
+                if same:
+                    same[2].append(KEY_NAMES.get(key, key))
+                else:
+                    drawn.append((steps, values, [KEY_NAMES.get(key, key)]))
+            for steps, values, names in drawn:
                 label = " = ".join(names) if len(runs) == 1 else f"{run}: {' = '.join(names)}"
                 every_step = len(steps) == len(metrics)
                 smoothed |= every_step and smooth > 1

@@ -129,8 +129,9 @@ def sample_notes(sample: dict, tokenizer, question: dict | None = None) -> list[
         else:
             lines.append(f"search {n} {call['query']!r}: {kind} documents that "
                          + (f"state {wanted!r}, as asked" if holds else
-                            f"do not state {wanted!r}: a simulator error (the documents are invented; the loss mask "
-                            "keeps them out of the gradient, but the policy read them)"))
+                            f"do not state {wanted!r}: the simulator missed (asked for useful documents, it should "
+                            "have written the answer in; the loss mask keeps them out of the gradient, but the policy "
+                            "read them)"))
     return lines
 
 
@@ -249,7 +250,9 @@ def step_rows(group, batch, before=None, after=None) -> list[dict]:
     advantages = rollout_advantages(batch)
     rows = []
     for r, t in enumerate(group.trajs):
-        row = {"question": int(batch.group_ids[r]) + 1, "answer": t.answer or "(none)",
+        answer = " ".join((t.answer or "(none)").split())  # one line, and no tags a table would render
+        answer = (answer if len(answer) <= 40 else answer[:39] + "…").replace("<", "&lt;")
+        row = {"question": int(batch.group_ids[r]) + 1, "answer": answer,
                "searches": " / ".join(("noisy" if c["noisy"] else "useful") if c["noisy"] is not None else "real"
                                       for c in t.calls) or "none",
                "reward": round(float(batch.scores[r]), 3), "advantage": round(float(advantages[r]), 3)}
@@ -281,6 +284,12 @@ def update_agreement(advantages: list[float], changes: list[float]) -> str:
     if not up and not down:
         parts.append("so this step taught nothing; with more rollouts per question, or later in training, groups differ")
     return "; ".join(parts) + "."
+
+
+def as_html(lines: list[str]) -> str:
+    """Sentences as an HTML list, to show under a figure or a trajectory in the same output."""
+    import html
+    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
 
 def markdown_table(rows: list[dict]) -> str:
