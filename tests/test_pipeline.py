@@ -89,6 +89,14 @@ def test_the_whole_pipeline_runs_all_six_notebooks_on_the_micro_profile(scratch_
     for step in pipeline.steps():
         cells = json.loads((P.out / "notebooks" / step.path.name).read_text())["cells"]
         assert all(o.get("output_type") != "error" for c in cells for o in c.get("outputs", []))
+    # Notebook 04's step by hand ran: its rollouts, the table of rewards and advantages, one loss, one update.
+    lesson = json.loads((P.out / "notebooks" / "04_curriculum_rl.ipynb").read_text())["cells"]
+    shown = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", ""))
+                    for c in lesson for o in c.get("outputs", []))
+    assert "step 1 of 2: each search is noisy with probability" in shown
+    assert "| question | answer | searches | reward | advantage | Δ log-prob |" in shown
+    assert "= policy gradient" in shown and "gradient norm" in shown
+    assert "with a positive advantage became more likely" in shown or "had an advantage of 0" in shown
     results = json.loads((P.out / "eval" / "results.json").read_text())["rows"]
     methods = {r["method"] for r in results}
     assert {"direct", "rag", "base", f"rl ({P.rl.algorithm})"} <= methods
