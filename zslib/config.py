@@ -37,11 +37,12 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------- what a field allows
 
-def choice(default, names, **kw):
+def choice(default, names):
     """A field whose value (or, for a list, each item) must be a key of ``names``: a registry
     (``algos.ALGORITHMS``) or a tuple of names."""
-    return field(default_factory=lambda: list(default), metadata={"choices": names}, **kw) if isinstance(default, list) \
-        else field(default=default, metadata={"choices": names}, **kw)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": names})
+    return field(default=default, metadata={"choices": names})
 
 
 def number(default, low=None, high=None, above=None, below=None):
@@ -50,12 +51,14 @@ def number(default, low=None, high=None, above=None, below=None):
 
 
 def _range_text(low, high, above, below) -> str:
-    lower = f">= {low:g}" if low is not None else f"> {above:g}" if above is not None else None
-    upper = f"<= {high:g}" if high is not None else f"< {below:g}" if below is not None else None
-    if lower and upper:
-        return f"in {'[' if low is not None else '('}{low if low is not None else above:g}, " \
-               f"{high if high is not None else below:g}{']' if high is not None else ')'}"
-    return lower or upper
+    """``>= 1``, ``> 0``, ``in [0, 1]``, ``in (0, 1]``: what a range allows, as the messages say it."""
+    if (low is not None or above is not None) and (high is not None or below is not None):
+        left = f"[{low:g}" if low is not None else f"({above:g}"
+        right = f"{high:g}]" if high is not None else f"{below:g})"
+        return f"in {left}, {right}"
+    if low is not None or above is not None:
+        return f">= {low:g}" if low is not None else f"> {above:g}"
+    return f"<= {high:g}" if high is not None else f"< {below:g}"
 
 
 def check_field(key: str, value, metadata) -> None:
