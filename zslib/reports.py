@@ -187,10 +187,11 @@ def evaluation_summary(results: dict[str, dict]) -> list[str]:
     """Base against trained, per kind of question (``{"base": scores, "trained": scores}``, each with
     an optional ``"two_hop"``), from ``evaluate.heldout_scores``."""
     lines = []
-    for label, pick in (("1-hop", lambda r: r), ("2-hop", lambda r: r.get("two_hop"))):
-        base, trained = pick(results["base"]), pick(results["trained"])
-        if not base or not trained:
+    for label in ("1-hop", "2-hop"):
+        kind = {method: scores for lab, method, scores in _kinds(results) if lab == label}
+        if "base" not in kind or "trained" not in kind:
             continue
+        base, trained = kind["base"], kind["trained"]
         gap = trained["em"] - base["em"]
         lines.append(f"{label} ({trained['n']} questions): EM {base['em']:.3f} -> {trained['em']:.3f} ({gap:+.3f}); "
                      f"searches per question {base['searches_per_question']:.2f} -> "

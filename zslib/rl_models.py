@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .generation.models import default_device, quiet_loading
+from .generation.models import default_device, load_tokenizer, quiet_loading
 
 
 @dataclass
@@ -31,14 +31,11 @@ class PolicyModels:
 def load_models(profile, needs_critic: bool, device: str | None = None) -> PolicyModels:
     """The policy base (``profile.policy_path``) as policy, reference and, if ``needs_critic``, critic
     backbone. Initialisation draws from torch's generator (LoRA, the value head): seed it first."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     cfg, device = profile.rl, device or default_device()
     quiet_loading()
-    tokenizer = AutoTokenizer.from_pretrained(profile.policy_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(profile.policy_path)
     # fp32 master weights (bf16 comes from autocast): a 1e-6 step vanishes in bf16 weights.
     policy = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=torch.float32).to(device)
     if cfg.lora:

@@ -280,13 +280,16 @@ class RLTrainer:
         ratio) and the critic's values, in mini-batches. One epoch over one mini-batch is exactly
         on-policy: the update's own forward pass gives the old log-probs, so they stay None here."""
         cfg, ids = self.cfg, batch.input_ids
-        chunks = torch.arange(len(ids)).split(cfg.mini_batch_size)
-        on_policy = cfg.ppo_epochs == 1 and len(chunks) == 1
+        on_policy = cfg.ppo_epochs == 1 and len(ids) <= cfg.mini_batch_size
         with torch.no_grad(), self._autocast():
-            batch.old_logp = None if on_policy else torch.cat([token_logprobs(self.policy, ids[i])[0] for i in chunks])
-            batch.ref_logp = torch.cat([self._reference_logprobs(ids[i]) for i in chunks])
-            batch.values = torch.cat([self.critic(ids[i]) for i in chunks]) if self.critic is not None else None
+            batch.old_logp = None if on_policy else self._by_mini_batch(lambda x: token_logprobs(self.policy, x)[0], ids)
+            batch.ref_logp = self._by_mini_batch(self._reference_logprobs, ids)
+            batch.values = self._by_mini_batch(self.critic, ids) if self.critic is not None else None
         return batch
+
+    def _by_mini_batch(self, fn, ids: torch.Tensor) -> torch.Tensor:
+        """``fn`` over ``ids`` one mini-batch of rows at a time, the results joined along the rows."""
+        return torch.cat([fn(ids[i]) for i in torch.arange(len(ids)).split(self.cfg.mini_batch_size)])
 
     def _reference_logprobs(self, ids):
         if self.reference is not None:
@@ -347,9 +350,8 @@ class RLTrainer:
         """Each rollout's mean log-prob per token of its own (mask-1) tokens under the current policy,
         ``[B]``, without gradient: an update should raise it where the advantage is positive and lower
         it where it is negative."""
-        chunks = torch.arange(len(batch.input_ids)).split(self.cfg.mini_batch_size)
         with torch.no_grad(), self._autocast():
-            logp = torch.cat([token_logprobs(self.policy, batch.input_ids[i])[0] for i in chunks])
+            logp = self._by_mini_batch(lambda x: token_logprobs(self.policy, x)[0], batch.input_ids)
         mask = batch.mask.to(logp.dtype)
         return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
