@@ -113,7 +113,8 @@ def test_information_tokens_get_no_gradient_with_the_loss_mask(protocol_model, t
 
 
 def test_reward_reads_only_the_policy_text(tokenizer):
-    """The invalid-action message shows '<answer> answer </answer>': it must not score."""
+    """The invalid-action message shows '<answer> answer </answer>': it must not score; the answer
+    the rollout parsed from the policy's own turn does."""
     t = Trajectory("q", ["answer"])
     t.extend(tokenizer("prompt", add_special_tokens=False)["input_ids"], from_policy=False)
     t.prompt_len = len(t.token_ids)
@@ -123,6 +124,7 @@ def test_reward_reads_only_the_policy_text(tokenizer):
     for reward in ("f1", "em", "format"):
         assert trainer.trajectory_score(t, reward, tokenizer) == 0.0
     t.turns.append("<answer> The Answer </answer>")
+    t.answer = "The Answer"
     assert trainer.trajectory_score(t, "em", tokenizer) == 1.0
     assert trainer.trajectory_score(t, "f1", tokenizer) == 1.0
 

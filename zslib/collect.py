@@ -19,7 +19,7 @@ def trajectory_record(t: Trajectory, row_id: str, sample: int, tokenizer) -> dic
     return {"id": row_id, "sample": sample, "question": t.question, "golden_answers": t.golden_answers,
             "answer": t.answer, "em": exact_match(t.answer, t.golden_answers),
             "f1": f1_score(t.answer, t.golden_answers), "first_action": t.first_action,
-            "invalid_actions": t.invalid_actions, "calls": t.calls, "turns": t.turns,
+            "invalid_actions": t.invalid_actions, "hit_limit": t.hit_limit, "calls": t.calls, "turns": t.turns,
             "response": tokenizer.decode(t.response_ids, skip_special_tokens=False)}
 
 
@@ -31,8 +31,9 @@ def read_trajectories(path: str | Path, repair: bool = False) -> list[dict]:
 
 
 def collect(backend, tokenizer, rows: list[dict], search_fn, cfg, path: str | Path, temperature: float,
-            samples_per_question: int = 1, batch_size: int | None = None) -> dict:
-    """Roll out each (row, sample) not yet in ``path`` and append the trajectories batch by batch.
+            samples_per_question: int = 1, batch_size: int | None = None, enable_thinking: bool = True) -> dict:
+    """Roll out each (row, sample) not yet in ``path`` and append the trajectories batch by batch
+    (``enable_thinking``: ``thinking.collector``).
 
     Returns {"written": new records, "skipped": records found from an earlier run}.
     """
@@ -45,7 +46,8 @@ def collect(backend, tokenizer, rows: list[dict], search_fn, cfg, path: str | Pa
     with tqdm(total=len(todo), desc="collect") as bar:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            trajs = rollout(backend, tokenizer, [row for row, _ in chunk], search_fn, cfg, temperature=temperature)
+            trajs = rollout(backend, tokenizer, [row for row, _ in chunk], search_fn, cfg, temperature=temperature,
+                            enable_thinking=enable_thinking)
             # one write per batch, on disk before the next batch starts
             append_jsonl(path, [trajectory_record(t, row["id"], s, tokenizer) for t, (row, s) in zip(trajs, chunk)])
             written += len(chunk)

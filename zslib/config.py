@@ -26,6 +26,7 @@ from . import algos, curriculum, labeling, prompts, reward, search, simulator
 from .checks import validate_ranges
 from .files import ROOT
 from .generation import backends
+from .generation.packaged import PACKAGED
 from .tiny.world import RELATIONS, WorldConfig
 
 CONFIG_DIR = ROOT / "configs"
@@ -127,9 +128,48 @@ class SearchConfig(_Section):
 @dataclass
 class ModelsConfig(_Section):
     KEY = "models"
-    policy: str = "tiny"     # "tiny": built by notebook 00; else a hub id or a local path
+    # "tiny": built by notebook 00; a packaged model (generation/packaged.py: smollm2-135m-instruct),
+    # converted by notebook 00 into outputs/<profile>/models/<name>; else a hub id or a local path
+    policy: str = "tiny"
     simulator: str = "tiny"
     dtype: str = choice("float32", DTYPES)
+
+
+@dataclass
+class ThinkingConfig(_Section):
+    """Qwen3's chat template thinks before it answers unless told not to (``enable_thinking``): on or
+    off for each step's prompts. Templates without the switch (the tiny models, SmolLM2) ignore it.
+    Thinking spends a turn's token budget (``rollout.max_tokens_per_turn``); the turns that used all
+    of it without an action are counted (``hit_limit``) where the step reports."""
+    KEY = "thinking"
+    policy: bool = True      # the protocol reasons inside <think>, Qwen3's own thinking tags
+    collector: bool = True   # the collector runs the same protocol
+    simulator: bool = False  # the simulator writes documents, not reasoning
+    judge: bool = False      # labeling.judge: llm answers yes or no
+    direct: bool = False     # notebook 05's baselines answer in one short turn
+    rag: bool = False
+
+
+@dataclass
+class WarmupConfig(_Section):
+    """Notebook 00's protocol warm-up, for a pretrained model that does not follow the search protocol
+    from its prompt alone (SmolLM2-135M-Instruct wrote no valid action on 32 of 32 questions): a short
+    supervised run on the tiny world's scripted demonstrations (``tiny.recipes.scripted_demos``: searches,
+    poor queries, wrong picks, guesses), whose result is the policy base. Needs the tiny world."""
+    KEY = "warmup"
+    steps: int = number(0, low=0)        # 0: none; the policy base is models.policy as it is
+    questions: int = number(400, low=1)  # train questions demonstrated, 1-hop and 2-hop
+    lr: float = number(1e-4, above=0)
+    warmup_steps: int = number(10, low=0)
+    batch_tokens: int = number(4096, low=1)  # padded tokens per optimizer step
+    lora: bool = False                   # True: a LoRA adapter (all linear layers), merged before saving
+    lora_r: int = number(16, low=1)
+    lora_alpha: int = number(32, above=0)
+    bf16_autocast: bool | str = "auto"   # as rl.bf16_autocast
+
+    def __post_init__(self):
+        self.bf16_autocast = bf16_setting(self.bf16_autocast, "warmup.bf16_autocast")
+        super().__post_init__()
 
 
 @dataclass
@@ -380,6 +420,8 @@ class Profile:
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -392,13 +434,27 @@ class Profile:
     def __post_init__(self):
         """Settings of different sections that must agree."""
         _check_world(self.world)
+        if self.warmup.steps and not self.tiny_world:
+            raise ConfigError("warmup.steps > 0 needs the tiny world (data.train_sets: [tiny]): the warm-up "
+                              "demonstrates the protocol on its questions")
         if self.rollout.backend == "vllm" and self.vllm.max_model_len < self.rollout.max_context:
             raise ConfigError(f"vllm.max_model_len ({self.vllm.max_model_len}) must be at least rollout.max_context "
                               f"({self.rollout.max_context}) with rollout.backend: vllm")
 
     @property
     def is_tiny(self) -> bool:
+        """The tiny models, built by notebook 00 (not just the tiny world: see ``tiny_world``)."""
         return self.models.policy == "tiny"
+
+    @property
+    def tiny_world(self) -> bool:
+        """Questions and corpus from the tiny world (the tiny profile, and real models run on it)."""
+        return self.data.train_sets == ["tiny"]
+
+    def model_source(self, name: str) -> str:
+        """Where a model named in ``models:`` loads from: a packaged model's converted folder, or the
+        hub id or path as given."""
+        return str(self.models_dir / name) if name in PACKAGED else name
 
     @property
     def out(self) -> Path:
@@ -415,11 +471,14 @@ class Profile:
 
     @property
     def policy_path(self) -> str:
-        return str(self.models_dir / "policy-base") if self.is_tiny else self.models.policy
+        """The policy base: built (tiny) or warmed up (``warmup``) by notebook 00, else ``models.policy``."""
+        if self.is_tiny or self.warmup.steps:
+            return str(self.models_dir / "policy-base")
+        return self.model_source(self.models.policy)
 
     @property
     def simulator_path(self) -> str:
-        return str(self.models_dir / "simulator-base") if self.models.simulator == "tiny" else self.models.simulator
+        return str(self.models_dir / "simulator-base") if self.models.simulator == "tiny" else self.model_source(self.models.simulator)
 
     @property
     def trajectories_path(self) -> Path:

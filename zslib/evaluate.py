@@ -14,7 +14,7 @@ from .generation.backends import backend_for
 from .progress import tqdm
 from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
 from .reward import cover_exact_match, exact_match, f1_score, valid_format
-from .rollout import Trajectory, engine_search_fn, rollout
+from .rollout import Trajectory, engine_search_fn, hit_limit_rate, rollout
 from .search import NullEngine
 
 
@@ -49,6 +49,7 @@ def score_trajectories(trajs) -> dict:
         "searched_share": sum(len(t.calls) > 0 for t in trajs) / n,
         "em_by_searches": em_by_searches(trajs),
         "answered": sum(t.answer is not None for t in trajs) / n,
+        "hit_limit_rate": hit_limit_rate(trajs),
         "n": len(trajs),
     }
 
@@ -61,11 +62,12 @@ def _batch_starts(n: int, size: int, desc: str):
 
 
 def evaluate_policy(backend, tokenizer, rows: list[dict], search_fn, cfg, temperature: float,
-                    desc: str = "evaluate") -> tuple[dict, list]:
+                    desc: str = "evaluate", enable_thinking: bool = True) -> tuple[dict, list]:
     """Roll out every row in batches of ``cfg.batch_size``; returns (scores, trajectories)."""
     trajs = []
     for i in _batch_starts(len(rows), cfg.batch_size, desc):
-        trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature)
+        trajs += rollout(backend, tokenizer, rows[i:i + cfg.batch_size], search_fn, cfg, temperature=temperature,
+                         enable_thinking=enable_thinking)
     return score_trajectories(trajs), trajs
 
 
@@ -111,7 +113,8 @@ def greedy_with_engine(model, tokenizer, rows: list[dict], engine, profile, desc
     was_training = model.training
     model.eval()
     scores, _ = evaluate_policy(backend or backend_for(profile, model, tokenizer), tokenizer, rows,
-                                engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc)
+                                engine_search_fn(engine, profile.search.topk), profile.rollout, 0.0, desc=desc,
+                                enable_thinking=profile.thinking.policy)
     model.train(was_training)
     return scores
 
@@ -130,7 +133,7 @@ def heldout_scores(model, tokenizer, profile, engine, n: int | None = None, desc
 
 BASELINES = ("direct", "rag", "base")
 RESULT_KEYS = ("method", "dataset", "engine", "em", "em_ci", "cover_em", "f1", "searches_per_question",
-               "searched_share", "invalid_rate", "answer_tokens", "n")
+               "searched_share", "invalid_rate", "answer_tokens", "hit_limit_rate", "n")
 
 
 @dataclass
@@ -177,26 +180,28 @@ def eval_datasets(profile, n: int | None = None) -> dict[str, list[dict]]:
     return {name: load_for_profile(profile, name, eval_split(name)).to_list()[:n] for name in profile.data.eval_sets}
 
 
-def method_prompts(method: Method, rows: list[dict], search_fn, topk: int, tiny: bool):
+def method_prompts(method: Method, rows: list[dict], search_fn, topk: int, tiny: bool, thinking=None):
     """(prompts, search hook, turns) for one method: what each baseline means on each kind of model.
 
     The tiny policy knows only the protocol, so there ``direct`` is the protocol with an engine that
     finds nothing and ``rag`` the protocol with the question's documents in an ``<information>``
-    block before its first turn. Instruct models get prompts of their own. ``rag`` answers in one turn.
+    block before its first turn. Instruct models get prompts of their own, with thinking as
+    ``thinking`` (the profile's ``thinking`` section) says. ``rag`` answers in one turn.
     """
     tok = method.tokenizer
     if method.style == "protocol":
         return None, search_fn, None
+    think = getattr(thinking, method.style, False)
     if method.style == "direct":
         if tiny:
             return None, engine_search_fn(NullEngine(), topk), None
-        return [render_user_prompt(tok, direct_user_message(r["question"])) for r in rows], search_fn, 0
+        return [render_user_prompt(tok, direct_user_message(r["question"]), think) for r in rows], search_fn, 0
     stubs = [Trajectory(r["question"], list(r["golden_answers"])) for r in rows]
     docs, _ = search_fn([r["question"] for r in rows], stubs)  # one retrieval with the question
     if tiny:
         return [render_policy_prompt(tok, r["question"]) + information_block(d).lstrip("\n")
                 for r, d in zip(rows, docs)], search_fn, 0
-    return [render_user_prompt(tok, rag_user_message(r["question"], d)) for r, d in zip(rows, docs)], search_fn, 0
+    return [render_user_prompt(tok, rag_user_message(r["question"], d), think) for r, d in zip(rows, docs)], search_fn, 0
 
 
 def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str = "evaluate",
@@ -209,9 +214,10 @@ def run_method(method: Method, rows: list[dict], search_fn, profile, desc: str =
     trajs = []
     for i in _batch_starts(len(rows), cfg.batch_size, desc):
         chunk = rows[i:i + cfg.batch_size]
-        prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny)
+        prompts, hook, turns = method_prompts(method, chunk, search_fn, profile.search.topk, profile.is_tiny,
+                                              profile.thinking)
         trajs += rollout(backend, method.tokenizer, chunk, hook, cfg, temperature=temperature, prompts=prompts,
-                         max_turns=turns)
+                         max_turns=turns, enable_thinking=profile.thinking.policy)
     method.model.train(was_training)
     return trajs
 
@@ -239,6 +245,7 @@ def score(trajs: list[Trajectory], tokenizer, seed: int = 0) -> dict:
         "invalid_rate": sum(not valid_format(r) for r in responses) / n,
         "answer_tokens": sum(len(tokenizer(t.answer, add_special_tokens=False)["input_ids"]) if t.answer else 0
                              for t in trajs) / n,
+        "hit_limit_rate": common["hit_limit_rate"],
         "n": len(trajs),
     }
 

@@ -70,13 +70,14 @@ JUDGE_PROMPT = ("Question: {question}\nAnswer: {answer}\nDocuments:\n{docs}\n\n"
                 "Do the documents contain the answer to the question? Reply with yes or no.")
 
 
-def judge_llm(pairs: list[dict], backend, tokenizer, batch_size: int = 16) -> list[bool]:
-    """v2: ask a model, per (query, documents), whether the documents contain the answer."""
+def judge_llm(pairs: list[dict], backend, tokenizer, batch_size: int = 16, thinking: bool = False) -> list[bool]:
+    """v2: ask a model, per (query, documents), whether the documents contain the answer
+    (``thinking``: ``thinking.judge``; off, it answers in its first word)."""
     verdicts = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         prompts = [render_simulator_prompt(tokenizer, JUDGE_PROMPT.format(
-            question=p["question"], answer=p["golden_answers"][0], docs=format_docs(_docs(p)))) for p in chunk]
+            question=p["question"], answer=p["golden_answers"][0], docs=format_docs(_docs(p))), thinking) for p in chunk]
         out = backend.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], 4, 0.0, 1.0)
         verdicts += [tokenizer.decode(o, skip_special_tokens=True).strip().lower().startswith("yes") for o in out]
     return verdicts
@@ -230,15 +231,16 @@ def lead_with_answer(pair: dict) -> dict:
     return {**pair, "docs": [[title, " ".join(sentences)]] + docs}
 
 
-def sft_rows(pairs: list[dict], tokenizer, words_per_doc: int) -> list[dict]:
+def sft_rows(pairs: list[dict], tokenizer, words_per_doc: int, thinking: bool = False) -> list[dict]:
     """Prompt/completion rows: the fine-tuned simulator prompt (k = the pair's number of
-    documents) and the documents in the ``Doc i(Title: …)`` format as the completion."""
+    documents) and the documents in the ``Doc i(Title: …)`` format as the completion. ``thinking``:
+    ``thinking.simulator``, as the simulator will be prompted."""
     rows = []
     for p in pairs:
         docs = _docs(p)
         message = simulator_user_message(p["query"], p["question"], p["golden_answers"][0], p["useful"],
                                          k=len(docs), words=words_per_doc)
-        rows.append({"prompt": render_simulator_prompt(tokenizer, message), "completion": format_docs(docs),
+        rows.append({"prompt": render_simulator_prompt(tokenizer, message, thinking), "completion": format_docs(docs),
                      "useful": p["useful"], "question": p["question"], "query": p["query"],
                      "golden_answers": p["golden_answers"], "source": p["source"]})
     return rows
@@ -278,7 +280,8 @@ def llm_judge(profile):
 JUDGES = Registry("labeling.judge", {
     "none": None,
     "contains": lambda profile, pairs, evidence, llm: judge_contains(pairs, evidence),
-    "llm": lambda profile, pairs, evidence, llm: judge_llm(pairs, *(llm or llm_judge(profile))),
+    "llm": lambda profile, pairs, evidence, llm: judge_llm(pairs, *(llm or llm_judge(profile)),
+                                                           thinking=profile.thinking.judge),
 })
 
 
@@ -316,7 +319,7 @@ def build_pairs(profile, records: list[dict], engine, judge=None) -> tuple[list[
         questions, articles = invented_world(profile.world, seed=profile.seed + 1000, taken=taken)
         pairs += invented_pairs(questions, articles, engine, L.invented, k, seed=profile.seed, real_titles=sorted(taken))
     # The simulator is evaluated (notebook 03) on test-split subjects: keep their articles out of its SFT set.
-    if profile.is_tiny:
+    if profile.tiny_world:
         held_out = {r["subject"] for r in load_for_profile(profile, "tiny", "test").to_list()}
         pairs = without_titles(pairs, held_out)
     pairs = with_k_docs(pairs, k)

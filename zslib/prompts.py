@@ -42,7 +42,7 @@ def render_policy_prompt(tokenizer, question: str, enable_thinking: bool = True)
     """The chat-formatted prompt up to the assistant's first token.
 
     Qwen3's template adds an empty <think></think> when ``enable_thinking`` is False; the
-    protocol wants the model's own <think>, so thinking stays enabled by default.
+    protocol wants the model's own <think>, so thinking stays enabled by default (``thinking.policy``).
     """
     return render_user_prompt(tokenizer, policy_user_message(question), enable_thinking)
 
@@ -139,10 +139,7 @@ def simulator_user_message(query: str, question: str, answer: str, useful: bool,
     return SIMULATOR_PROMPTS[variant](query, question, answer, useful, k, words)
 
 
-def render_simulator_prompt(tokenizer, message: str) -> str:
-    """Chat-formatted with thinking off (Qwen3): the simulator writes documents, not reasoning."""
-    messages = [{"role": "user", "content": message}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                             enable_thinking=False)
-    return message + "\n"
+def render_simulator_prompt(tokenizer, message: str, thinking: bool = False) -> str:
+    """Chat-formatted, thinking off by default (``thinking.simulator``): the simulator writes
+    documents, not reasoning. The same rendering for its SFT rows and when it serves."""
+    return render_user_prompt(tokenizer, message, thinking)

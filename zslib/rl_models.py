@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .generation.models import default_device, load_tokenizer, quiet_loading
+from .generation.models import check_special_tokens, default_device, load_tokenizer, quiet_loading
 
 
 @dataclass
@@ -38,6 +38,7 @@ def load_models(profile, needs_critic: bool, device: str | None = None) -> Polic
     tokenizer = load_tokenizer(profile.policy_path)
     # fp32 master weights (bf16 comes from autocast): a 1e-6 step vanishes in bf16 weights.
     policy = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=torch.float32).to(device)
+    check_special_tokens(tokenizer, policy, profile.policy_path)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",

@@ -1,8 +1,10 @@
 """Multi-turn search rollouts (docs/method.md §3), batched over every active row.
 
 Each turn generates until ``</search>`` or ``</answer>`` (stop strings, not generate-to-max),
-parses the first action, runs all of the turn's searches in one ``search()`` call, and appends
-``<information>`` blocks. Trajectories are built by concatenating token ids, never by
+keeps its tokens up to the one that completes the first action (``through_first_action``: a real
+tokenizer's last tag token can carry more text, and a backend can return more), parses that
+action, runs all of the turn's searches in one ``search()`` call, and appends ``<information>``
+blocks. Trajectories are built by concatenating token ids, never by
 re-rendering the chat template, and carry a ``loss_mask`` that is 1 only on tokens the policy
 generated.
 
@@ -40,6 +42,8 @@ class Trajectory:
     done: bool = False
     sampled_logprobs: list[float] = field(default_factory=list)  # per generated token, when the backend returns them (vLLM)
     hop_answers: list[str] = field(default_factory=list)    # a multi-hop question's answer per hop, when its data has them
+    cut_tokens: int = 0   # tokens the backend returned after a turn's first action, dropped (``through_first_action``)
+    hit_limit: int = 0    # turns that used their whole token budget without an action (long thinking, rambling)
 
     def extend(self, ids: list[int], from_policy: bool) -> None:
         self.token_ids += ids
@@ -54,6 +58,28 @@ def parse_action(text: str) -> tuple[str, str] | None:
     """The first complete ``<search>`` or ``<answer>`` block: (kind, content), or None."""
     m = _ACTION.search(text)
     return (m.group(1), m.group(2).strip()) if m else None
+
+
+def through_first_action(ids: list[int], tokenizer) -> int:
+    """How many of a turn's tokens to keep: up to and including the token that completes its first
+    action (all of them when there is none).
+
+    A real tokenizer splits ``</search>`` into several tokens, and its last one may carry more text
+    (``>\n\n``), so a backend can return tokens past the action: a model-written ``<information>``
+    block or a second ``<answer>``. They are dropped, so the loss mask never covers text the policy
+    wrote beyond its action, and the trajectory, its parsed answer and its reward see the same turn."""
+    def complete(n: int) -> bool:
+        return _ACTION.search(tokenizer.decode(ids[:n], skip_special_tokens=True)) is not None
+
+    if not ids or not complete(len(ids)):
+        return len(ids)
+    if not complete(len(ids) - 1):  # the usual case: the backend stopped on the completing token
+        return len(ids)
+    low, high = 1, len(ids) - 1  # complete(high) holds; find the shortest complete prefix
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if complete(mid) else (mid + 1, high)
+    return high
 
 
 # (queries, the rows asking them) -> (documents per query, noisy flag per query or None)
@@ -102,11 +128,15 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
         searching: list[tuple[Trajectory, str]] = []
         for t, ids, b, lp in zip(active, new_ids, budget, logprobs):
             ids = ids[:b]
+            kept = through_first_action(ids, tokenizer)
+            t.cut_tokens += len(ids) - kept
+            ids = ids[:kept]
             t.extend(ids, from_policy=True)
-            t.sampled_logprobs += lp[:b]
+            t.sampled_logprobs += lp[:kept]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             t.turns.append(text)
             action = parse_action(text)
+            t.hit_limit += action is None and len(ids) == b  # the whole budget spent without an action
             kind = action[0] if action else "invalid"
             if t.first_action is None:
                 t.first_action = kind
@@ -131,6 +161,12 @@ def rollout(backend: "GenerationBackend", tokenizer, rows: list[dict], search_fn
                 t.done = True
     backend.release()  # the kept cache is stale once the weights change
     return trajs
+
+
+def hit_limit_rate(trajs: list[Trajectory]) -> float:
+    """The share of turns that used their whole token budget without an action: long thinking or
+    rambling that ``rollout.max_tokens_per_turn`` cut off (``thinking``, docs/guide.md)."""
+    return sum(t.hit_limit for t in trajs) / max(1, sum(len(t.turns) for t in trajs))
 
 
 def engine_search_fn(engine, topk: int) -> SearchFn:

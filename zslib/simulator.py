@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .curriculum import draw_noisy
-from .generation.models import quiet_loading
+from .generation.models import check_special_tokens, load_tokenizer, quiet_loading
 from .progress import tqdm
 from .prompts import render_simulator_prompt, simulator_user_message
 from .registry import Registry
@@ -145,9 +145,10 @@ class SimulatedEngine:
     ``generated_tokens`` and ``calls`` count the cost (what a real API would have billed).
     """
 
-    def __init__(self, transport, tokenizer, cfg, variant: str | None = None):
+    def __init__(self, transport, tokenizer, cfg, variant: str | None = None, thinking: bool = False):
         self.transport, self.tokenizer, self.cfg = transport, tokenizer, cfg
         self.variant = variant or cfg.prompt
+        self.thinking = thinking  # thinking.simulator, as the SFT rows were rendered
         self.calls = 0
 
     @property
@@ -156,7 +157,8 @@ class SimulatedEngine:
 
     def prompts(self, queries, topk, noisy, questions, answers) -> list[str]:
         return [render_simulator_prompt(self.tokenizer, simulator_user_message(
-                    q, question, answer, useful=not bad, k=topk, words=self.cfg.words_per_doc, variant=self.variant))
+                    q, question, answer, useful=not bad, k=topk, words=self.cfg.words_per_doc, variant=self.variant),
+                    self.thinking)
                 for q, bad, question, answer in zip(queries, noisy, questions, answers)]
 
     def generate_raw(self, queries, topk, noisy, questions, answers, temperature=None) -> list[str]:
@@ -184,10 +186,8 @@ class SimulatedEngine:
 
 def _http_transport(profile, finetuned: bool, loaded, device):
     """(transport, tokenizer) for the simulator server at ``simulator.url``."""
-    from transformers import AutoTokenizer
     cfg = profile.simulator
-    tokenizer = loaded[1] if loaded else AutoTokenizer.from_pretrained(
-        str(profile.simulator_dir if finetuned else profile.simulator_path))
+    tokenizer = loaded[1] if loaded else load_tokenizer(str(profile.simulator_dir if finetuned else profile.simulator_path))
     name = cfg.served_name if finetuned else f"{cfg.served_name}-base"
     return HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls), tokenizer
 
@@ -210,7 +210,7 @@ def engine_for(profile, finetuned: bool = True, variant: str | None = None, load
     in this process on the profile's generation backend, or the server at ``simulator.url``.
     ``loaded``: a ``(model, tokenizer)`` already in memory (its tokenizer only, over HTTP)."""
     transport, tokenizer = TRANSPORTS[serve or profile.simulator.serve](profile, finetuned, loaded, device)
-    return SimulatedEngine(transport, tokenizer, profile.simulator, variant=variant)
+    return SimulatedEngine(transport, tokenizer, profile.simulator, variant=variant, thinking=profile.thinking.simulator)
 
 
 def hop_answer(query: str, golden: str, hop_answers: list[str]) -> str:
@@ -250,7 +250,7 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     """
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     cfg = profile.simulator
@@ -258,7 +258,7 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available()
     quiet_loading()
-    tokenizer = AutoTokenizer.from_pretrained(profile.simulator_path)
+    tokenizer = load_tokenizer(profile.simulator_path)
     model = AutoModelForCausalLM.from_pretrained(
         profile.simulator_path, dtype=torch.float32)  # master weights; bf16 comes from autocast
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in sft_rows])
@@ -290,7 +290,7 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
 def load_simulator(profile, finetuned: bool = True, device: str | None = None, path: str | Path | None = None):
     """``(model, tokenizer)``: the fine-tuned simulator (adapter merged for speed) from ``path``
     (default ``outputs/<profile>/simulator/``), or its base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, profile.models.dtype) if device == "cuda" else torch.float32
@@ -300,14 +300,14 @@ def load_simulator(profile, finetuned: bool = True, device: str | None = None, p
     elif not any((source / f).exists() for f in ("adapter_config.json", "config.json")):
         raise FileNotFoundError(f"no fine-tuned simulator in {source}: run notebook 03 first")
     quiet_loading()
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    tokenizer.padding_side = "left"
+    tokenizer = load_tokenizer(str(source))
     if finetuned and (source / "adapter_config.json").exists():
         from peft import PeftModel
         base = AutoModelForCausalLM.from_pretrained(profile.simulator_path, dtype=dtype)
         model = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+    check_special_tokens(tokenizer, model, str(source))
     return model.to(device).eval(), tokenizer
 
 

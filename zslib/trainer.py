@@ -35,9 +35,9 @@ from .evaluate import greedy_with_engine, two_hop_validation_questions, validati
 from .files import append_jsonl, complete_folders, read_jsonl, write_folder_atomic, write_jsonl
 from .generation.backends import backend_for
 from .progress import tqdm
-from .reward import REWARDS, exact_match, extract_answer, f1_score
+from .reward import REWARDS, exact_match, f1_score
 from .rl_models import PolicyModels, batch_tensors, load_models, token_logprobs
-from .rollout import Trajectory, engine_search_fn, rollout
+from .rollout import Trajectory, engine_search_fn, hit_limit_rate, rollout
 from .search import make_engine
 from .simulator import engine_for, simulator_search_fn
 
@@ -77,10 +77,11 @@ class Batch:
 # ---------------------------------------------------------------- pure functions
 
 def trajectory_score(traj: Trajectory, reward: str, tokenizer) -> float:
-    """The sequence reward (``reward.REWARDS``). The answer is the last <answer> block the *policy*
-    wrote: the invalid-action message (not the policy's) shows an example answer block that must not count."""
+    """The sequence reward (``reward.REWARDS``) of the answer the rollout parsed (``traj.answer``): the
+    one action that ended the trajectory, so reward, answer and kept tokens agree. Text the policy did
+    not write (the invalid-action message shows an example answer block) never counts."""
     response = tokenizer.decode(traj.response_ids, skip_special_tokens=True)
-    return REWARDS[reward](extract_answer("".join(traj.turns)), traj.golden_answers, response)
+    return REWARDS[reward](traj.answer, traj.golden_answers, response)
 
 
 def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask) -> tuple[torch.Tensor, dict]:
@@ -119,6 +120,7 @@ def step_metrics(group: Rollouts, scores: torch.Tensor, group_size: int, update:
         # Does the policy search again when its first results were noisy? (None: no such rollout)
         "searched_again_after_noisy": _share([len(t.calls) > 1 for t in trajs if t.calls and t.calls[0]["noisy"]]),
         "invalid_action_rate": sum(t.invalid_actions for t in trajs) / max(1, sum(len(t.turns) for t in trajs)),
+        "hit_limit_rate": hit_limit_rate(trajs),
         "response_tokens": response_tokens / len(trajs),
         **update,
         "lr": lr,
@@ -262,7 +264,8 @@ class RLTrainer:
         tokens_before = getattr(self.engine, "generated_tokens", 0)
         self.policy.eval()
         t0 = time.time()
-        trajs = rollout(self.backend, self.tokenizer, rows, search_fn, self.profile.rollout)  # rollout.temperature
+        trajs = rollout(self.backend, self.tokenizer, rows, search_fn, self.profile.rollout,  # rollout.temperature
+                        enable_thinking=self.profile.thinking.policy)
         seconds["rollout"] = time.time() - t0 - seconds["simulator"]
         return Rollouts(step, picked, trajs, torch.arange(len(picked)).repeat_interleave(cfg.group_size), p_noise,
                         getattr(self.engine, "generated_tokens", 0) - tokens_before, seconds)

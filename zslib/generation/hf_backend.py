@@ -13,7 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from .models import use_grouped_sdpa_on_cpu
+from .models import special_token_ids, use_grouped_sdpa_on_cpu
 from ..prompts import STOP_STRINGS
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are encoded with each row (an extra call costs more)
@@ -44,9 +44,7 @@ class HFBackend:
         self.last_logprobs: list[list[float]] = []  # not recorded: the trainer computes its own
         self.prefilled_tokens = 0  # prompt tokens encoded (those taken from the cache are not)
         self.prefill_positions = 0  # positions the prefill computed: those tokens and their padding
-        self.pad_id = tokenizer.pad_token_id
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id, self.eos_ids = special_token_ids(model, tokenizer)
         self._ends: dict[int, bool] = {}
         self._kept: dict | None = None  # the last call's cache and where each row's tokens sit in it
 
@@ -142,8 +140,10 @@ class HFBackend:
             part_logits = self._forward(ids[index, width - w:], part_attn, positions[index, width - w:], part)
             if logits is None:
                 logits = part_logits.new_empty(ids.shape[0], part_logits.shape[-1])
-                joined = [[layer.keys.new_zeros(ids.shape[0], layer.keys.shape[1], past + width, layer.keys.shape[3])
-                           for _ in "kv"] for layer in part.layers]
+                # Keys and values each in their own dtype: under bf16 autocast a Llama layer's values
+                # come out bf16 and its keys fp32 (rotary embeddings are applied in fp32).
+                joined = [[states.new_zeros(ids.shape[0], states.shape[1], past + width, states.shape[3])
+                           for states in (layer.keys, layer.values)] for layer in part.layers]
             logits[index] = part_logits
             for pair, layer in zip(joined, part.layers):  # each row: [past, padding, its own tokens]
                 for whole, states in zip(pair, (layer.keys, layer.values)):
@@ -276,18 +276,22 @@ class HFBackend:
         return row
 
     def _ends_in_stop(self, row: list[int]) -> bool:
-        """Does the text of these new tokens end in a stop string? Decoded only when the last token
-        can end one (a cached per-token check), which is rare."""
+        """Does a stop string end in the last of these new tokens? That token may carry more text:
+        Qwen3's tokenizer spells ``</search>`` and a blank line as ``</``, ``search``, ``>\n\n``, so
+        the text need not *end* with the stop string. (Generation stops at the first one, so any
+        stop string in the tail ends in its last token.) Decoded only when the last token can
+        complete one (a cached per-token check), which is rare."""
         if not self._may_end_stop(row[-1]):
             return False
         tail = self.tokenizer.decode(row[-16:])
-        return any(tail.endswith(s) for s in self.stop_strings)
+        return any(s in tail for s in self.stop_strings)
 
     def _may_end_stop(self, token_id: int) -> bool:
-        """Cheap pre-check (cached per token): does this token's text end like a stop string?"""
+        """Cheap pre-check (cached per token): does this token's text hold the last character of a
+        stop string (``>``), as the token that completes one must?"""
         if token_id not in self._ends:
             text = self.tokenizer.decode([token_id])
-            self._ends[token_id] = any(text and s.endswith(text[-1]) for s in self.stop_strings)
+            self._ends[token_id] = any(s[-1] in text for s in self.stop_strings)
         return self._ends[token_id]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -41,14 +42,97 @@ def quiet_loading() -> None:
     huggingface_hub.utils.enable_progress_bars()
 
 
+class TokenizerError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- pad and end of sequence
+# The one place they are decided. Real tokenizers get them wrong in both directions: SmolLM2's GGUF
+# tokenizer has no pad token and calls <|im_start|> its end of sequence (docs/guide.md, "Real models").
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant message with (``<|im_end|>`` for
+    Qwen3 and SmolLM2), or None when there is no template or it closes with none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "zs-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing about its end token
+        return None
+    if marker not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return next((tokenizer.convert_ids_to_tokens(i) for i in after if i in special), None)
+
+
+def _spare_special_token(tokenizer) -> str | None:
+    """A special token that is neither end of sequence, nor beginning, nor used by the chat template:
+    padding with it can never be mistaken for content or for a turn's end."""
+    template = tokenizer.chat_template or ""
+    taken = {tokenizer.eos_token, tokenizer.bos_token}
+    for _, token in sorted(tokenizer.added_tokens_decoder.items()):
+        if token.special and token.content not in taken and token.content not in template:
+            return token.content
+    return None
+
+
+def check_special_tokens(tokenizer, model=None, source: str = "the tokenizer") -> list[str]:
+    """Make ``tokenizer`` (and ``model``'s generation settings) agree on pad and end of sequence;
+    returns a line for each thing corrected. ``source`` names the model in messages.
+
+    - The end of sequence must be the token the chat template ends an assistant turn with: when it
+      is not, it is corrected (generation would otherwise never stop at a turn's end).
+    - A tokenizer without a pad token gets a spare special token (``_spare_special_token``), or the
+      end of sequence when it has none; padding is always masked out, so either is safe.
+    - Padding goes on the left (batched generation), and the model stops at the end of sequence."""
+    notes = []
+    eot = end_of_turn(tokenizer)
+    if eot is not None and tokenizer.eos_token != eot:
+        notes.append(f"{source}: end of sequence {tokenizer.eos_token!r} corrected to {eot!r}, the token its "
+                     "chat template ends an assistant turn with")
+        tokenizer.eos_token = eot
+    if tokenizer.eos_token_id is None:
+        raise TokenizerError(f"{source}: the tokenizer has no end-of-sequence token, and no chat template "
+                             "to take one from; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _spare_special_token(tokenizer) or tokenizer.eos_token
+        notes.append(f"{source}: no pad token; padding with {tokenizer.pad_token!r}")
+    tokenizer.padding_side = "left"
+    if model is not None:
+        settings = model.generation_config
+        eos = settings.eos_token_id
+        eos = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+        if tokenizer.eos_token_id not in eos:
+            notes.append(f"{source}: the model also stops at {tokenizer.eos_token!r} (generation config had {eos})")
+            settings.eos_token_id = [tokenizer.eos_token_id] + eos if eos else tokenizer.eos_token_id
+        settings.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
+    return notes
+
+
+def special_token_ids(model, tokenizer) -> tuple[int, set[int]]:
+    """(pad id, end-of-sequence ids) for a backend: the tokenizer's pad, and every id the model's
+    generation settings or the tokenizer call the end of sequence."""
+    if tokenizer.pad_token_id is None:
+        raise TokenizerError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')!s} has no pad token: load it "
+                             "with zslib.generation.models.load_tokenizer, which gives it one")
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return tokenizer.pad_token_id, ids - {None}
+
+
 def load_tokenizer(path_or_id: str):
-    """A model's tokenizer, padding on the left (for batched generation), with a pad token."""
+    """A model's tokenizer with its pad and end-of-sequence tokens checked (``check_special_tokens``),
+    padding on the left."""
+    import warnings
+
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    for note in check_special_tokens(tokenizer, source=str(path_or_id)):
+        warnings.warn(note, stacklevel=2)
     return tokenizer
 
 
@@ -59,8 +143,47 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", device: str | None =
     quiet_loading()
     tokenizer = load_tokenizer(path_or_id)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype))
+    check_special_tokens(tokenizer, model, str(path_or_id))
     device = device or default_device()
     return model.to(device).eval(), tokenizer
+
+
+def convert_gguf(gguf_path: str | Path, out: str | Path) -> tuple[Path, list[str]]:
+    """A GGUF model file as an ordinary model folder (fp32 safetensors, config, tokenizer), so every
+    later step loads it with ``from_pretrained(folder)`` as it would a hub model. Returns the folder
+    and what ``check_special_tokens`` corrected.
+
+    transformers de-quantises a GGUF file to fp32 on loading (the ``gguf`` package), but refuses to
+    save the result ("quantized with GGUF"): the weights move to a plain model built from the same
+    configuration without its quantisation entry."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..files import write_folder_atomic
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf_path}")
+    quiet_loading()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer's decoding must not touch spaces
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "model_type")}
+    config = AutoConfig.for_model(loaded.config.model_type, **settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied output layer is the embedding
+        raise ValueError(f"{gguf_path}: the de-quantised weights do not fit {type(model).__name__} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.generation_config = loaded.generation_config
+    notes = check_special_tokens(tokenizer, model, gguf_path.name)
+    config.architectures = [type(model).__name__]
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_folder_atomic(out, write), notes
 
 
 def sdpa_with_grouped_kv(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -41,11 +41,13 @@ def decision_margins(model, tokenizer, rows: list[dict], batch_size: int = 64) -
     return [totals[2 * j] - totals[2 * j + 1] for j in range(len(rows))]
 
 
-def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = None) -> dict:
+def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = None,
+                  temperatures: tuple[float, ...] = (0.0, 1.0)) -> dict:
     """Notebook 00's look at the policy base on the held-out 1-hop questions, and the figures its
     checks read (``checks.base``).
 
-    - ``settings``: scores greedy and at T=1, with the engine and with one that returns nothing;
+    - ``settings``: scores at each of ``temperatures`` (greedy first), with the engine and with one
+      that returns nothing;
     - ``by_relation``: per relation, greedy with the engine: questions, EM, searched share, and the
       mean and smallest decision margin (``decision_margins``), and whether it is a memory relation;
     - ``figures``: the bars' inputs (names as in ``checks.FIGURES["base"]``).
@@ -54,14 +56,16 @@ def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = N
     backend = backend_for(profile, model, tokenizer)
     settings, greedy = {}, None
     for name, eng in (("bm25", engine), ("no search", NullEngine())):
-        for temperature in (0.0, 1.0):
+        for temperature in temperatures:
             key = f"{name}, T={temperature:g}"
             settings[key], trajs = evaluate_policy(backend, tokenizer, rows, engine_search_fn(eng, profile.search.topk),
-                                                   profile.rollout, temperature, desc=key)
+                                                   profile.rollout, temperature, desc=key,
+                                                   enable_thinking=profile.thinking.policy)
             if name == "bm25" and temperature == 0.0:
                 greedy = trajs
     margins = decision_margins(model, tokenizer, rows)
-    memory = set(profile.tiny.memory_relations) if profile.tiny.memory_demos > 0 else set()
+    # Only the tiny base is taught to answer some relations from memory (a warmed-up real model is not)
+    memory = set(profile.tiny.memory_relations) if profile.is_tiny and profile.tiny.memory_demos > 0 else set()
     by_relation: dict[str, dict] = {}
     for q, t, m in zip(rows, greedy, margins):
         r = by_relation.setdefault(q["relation"], {"n": 0, "em": 0.0, "searched_share": 0.0, "margins": [],

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..prompts import information_block, render_policy_prompt
 from ..search import Doc, SearchEngine
-from .tokenizer import EOS, PAD
+from .tokenizer import PAD
 from .world import RELATION_KEYWORDS, RELATION_TOPICS, RELATIONS, TITLE_WORDS, Namer, invented_world
 
 @dataclass
@@ -194,11 +194,11 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
                 misread = _wrong_pick(docs, relations[-1], answer, entities_by_name, rng)
                 if misread:
                     said, pick = misread
-            segs.append((f"{again} {_evidence(said, relations[-1], pick)} </think>\n<answer> {pick} </answer>{EOS}", True))
+            segs.append((f"{again} {_evidence(said, relations[-1], pick)} </think>\n<answer> {pick} </answer>{tokenizer.eos_token}", True))
         else:
             guess = _random_same_type(answer, entities_by_name, rng)
             segs += [(f"{again} I could not find it, so I will guess. </think>\n<answer>", True), (f" {guess}", guess_loss),
-                     (f" </answer>{EOS}", True)]
+                     (f" </answer>{tokenizer.eos_token}", True)]
         out.append(segments_to_example(tokenizer, segs))
     # Drawn from a generator of their own, so the demonstrations above stay exactly as they are
     # without memory relations: the base keeps every skill, and only its choice to search changes.
@@ -219,7 +219,7 @@ def _memory_demo(tokenizer, q: dict, known: set[str], entities_by_name: dict, rn
     guess = answer if recalled else _random_same_type(answer, entities_by_name, rng)
     return segments_to_example(tokenizer, [(render_policy_prompt(tokenizer, q["question"]), False),
                                            (f"{first_thought(q)}{MEMORY_DECISION}", True),
-                                           (f" {guess}", recalled or guess_loss), (f" </answer>{EOS}", True)])
+                                           (f" {guess}", recalled or guess_loss), (f" </answer>{tokenizer.eos_token}", True)])
 
 
 def _evidence(subject: str, relation: str, obj: str) -> str:

@@ -1,0 +1,78 @@
+"""Notebook 00 for a real pretrained model: from a packaged GGUF file to a policy base that follows
+the search protocol (the ``warmup`` section of a profile; ``configs/smollm2.yaml``).
+
+A pretrained instruct model knows nothing of ``<search>`` and ``<information>``: SmolLM2-135M-Instruct,
+given the policy prompt, answered in prose on every question (DESIGN §13), so RL from it gets no
+reward. A short supervised warm-up on the tiny world's scripted demonstrations teaches the format and
+the habit of searching; the demonstrations keep their mistakes (poor queries, wrong picks, guesses),
+so the warmed-up base is imperfect and RL has something to improve.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .files import write_folder_atomic
+from .generation.models import convert_gguf, load_causal_lm, quiet_loading
+from .generation.packaged import PACKAGED, packaged_path
+
+
+def prepare_packaged(profile) -> list[str]:
+    """Convert every packaged model the profile names (``models.policy``, ``models.simulator``) into
+    ``outputs/<profile>/models/<name>`` once; returns a line per model saying what was done."""
+    lines = []
+    for name in dict.fromkeys((profile.models.policy, profile.models.simulator)):
+        if name not in PACKAGED:
+            continue
+        folder = Path(profile.model_source(name))
+        if (folder / "config.json").exists():
+            lines.append(f"{name}: converted before, in {folder}")
+            continue
+        _, notes = convert_gguf(packaged_path(name), folder)
+        lines += [f"{name}: converted from its GGUF file into {folder}"] + [f"  {n}" for n in notes]
+    return lines
+
+
+def warmup_demos(profile, tokenizer, engine, splits: dict, entities: list[dict]):
+    """The warm-up's demonstrations: ``warmup.questions`` train questions (1-hop and 2-hop), one
+    scripted demonstration each, rendered with ``tokenizer``'s chat template."""
+    from .tiny import recipes
+
+    rows = random.Random(profile.seed).sample(splits["train"], min(profile.warmup.questions, len(splits["train"])))
+    by_name = {e["name"]: e for e in entities}
+    return recipes.scripted_demos(tokenizer, rows, engine, by_name, known=set(), topk=profile.search.topk,
+                                  seed=profile.seed, per_question=1, restate_topic=True)
+
+
+def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild: bool = False) -> dict:
+    """Train the policy base from ``models.policy`` on ``warmup_demos`` and save it to
+    ``profile.policy_path`` (atomically; a LoRA adapter is merged first). Kept when it exists, unless
+    ``rebuild``. Returns {"history": loss rows, "demos": count, "trained": parameters trained}."""
+    from .tiny import pretraining
+
+    cfg, out = profile.warmup, Path(profile.policy_path)
+    log = profile.models_dir / "policy-base.loss.jsonl"
+    if (out / "config.json").exists() and not rebuild:
+        return {"history": pretraining.read_log(log), "demos": None, "trained": None}
+    quiet_loading()
+    model, tokenizer = load_causal_lm(profile.model_source(profile.models.policy), "float32", "cpu")
+    demos = warmup_demos(profile, tokenizer, engine, splits, entities)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    torch.manual_seed(profile.seed)
+    history = pretraining.pretrain(model, demos, cfg.steps, cfg, log, seed=profile.seed, desc="protocol warm-up")
+    if cfg.lora:
+        model = model.merge_and_unload()
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomic(out, write)
+    return {"history": history, "demos": len(demos), "trained": trained}
