@@ -5,6 +5,7 @@
 3. the fine-tuned simulator: search calls/s served in this process (HF) and by the vLLM server over HTTP.
 
     .venv/bin/python benchmarks/vllm_vs_hf.py [--profile tiny] [--questions 64] [--batch-sizes 16 64] [--rl-steps 3]
+                                              [--parts 1 2 3]
 
 Needs notebooks 00 and 03's outputs (the policy base and the fine-tuned simulator). Engine start-up
 (30-40 s each) is reported apart and not counted in any rate. On 2 CPU cores at 3.5M parameters both
@@ -27,21 +28,21 @@ sys.path.insert(0, str(ROOT))
 
 def rollouts(P, rows, batch_sizes: list[int]) -> list[dict]:
     from zslib import rollout, search
-    from zslib.config import VLLMConfig
     from zslib.generation import backends, models
     model, tok = models.load_causal_lm(P.policy_path, "float32")
     fn = rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"), P.search.topk)
     t0 = time.time()
-    made = {"hf": backends.make_backend("hf", model, tok), "vllm": backends.make_backend("vllm", model, tok, vllm_cfg=VLLMConfig())}
+    made = {"hf": backends.make_backend("hf", model, tok), "vllm": backends.make_backend("vllm", model, tok, vllm_cfg=P.vllm)}
     start = time.time() - t0
     for backend in made.values():  # warm-up (vLLM compiles its log-prob op on the first call)
-        rollout.rollout(backend, tok, rows[:8], fn, P.rollout, temperature=0.0)
+        rollout.rollout(backend, tok, rows[:8], fn, P.rollout, temperature=0.0, enable_thinking=P.thinking.policy)
     out = []
     for size in batch_sizes:
         for name, backend in made.items():
             before, t0 = backend.generated_tokens, time.time()
             trajs = [t for i in range(0, len(rows), size)
-                     for t in rollout.rollout(backend, tok, rows[i:i + size], fn, P.rollout, temperature=0.0)]
+                     for t in rollout.rollout(backend, tok, rows[i:i + size], fn, P.rollout, temperature=0.0,
+                                              enable_thinking=P.thinking.policy)]
             seconds = time.time() - t0
             out.append({"batch": size, "backend": name, "trajectories_per_s": len(trajs) / seconds,
                         "tokens_per_s": (backend.generated_tokens - before) / seconds})
@@ -99,10 +100,20 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--rl-steps", type=int, default=3)
     ap.add_argument("--simulator-calls", type=int, default=128)
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], help="which of the three measurements to run")
     args = ap.parse_args()
     P = config.load_profile(args.profile)
     rows = evaluate.heldout_questions(P, args.questions)
 
+    if 1 in args.parts:
+        part_rollouts(P, rows, args)
+    if 2 in args.parts:
+        part_rl(P, args)
+    if 3 in args.parts:
+        part_simulator(P, args)
+
+
+def part_rollouts(P, rows, args) -> None:
     table = rollouts(P, rows, args.batch_sizes)
     print(f"\n1. greedy rollouts, {len(rows)} held-out questions (vLLM engine start {table[-1]['vllm_start_seconds']:.0f} s)")
     print("| batch | backend | trajectories/s | generated tokens/s |\n|---|---|---|---|")
@@ -112,6 +123,8 @@ def main() -> None:
         hf, vl = [r for r in table[:-1] if r["batch"] == size]
         print(f"batch {size}: vLLM/HF trajectories/s = {vl['trajectories_per_s'] / hf['trajectories_per_s']:.2f}")
 
+
+def part_rl(P, args) -> None:
     steps = rl_steps(P, args.rl_steps)
     print(f"\n2. RL steps (GRPO, BM25, {P.rl.questions_per_step}x{P.rl.group_size} rollouts), mean of steps 2-{args.rl_steps}")
     print("| backend | s/step | rollout | log-probs | update | weight sync |\n|---|---|---|---|---|---|")
@@ -119,6 +132,8 @@ def main() -> None:
         print(f"| {r['backend']} | {r['seconds']:.2f} | {r['rollout_seconds']:.2f} | {r['logprobs_seconds']:.2f} | "
               f"{r['update_seconds']:.2f} | {r['weight_sync_seconds']:.2f} |")
 
+
+def part_simulator(P, args) -> None:
     sims = simulator_calls(P, args.simulator_calls)
     print(f"\n3. simulator, {args.simulator_calls} search calls at T={P.simulator.temperature} "
           f"(server start {sims[-1]['server_start_seconds']:.0f} s)")
