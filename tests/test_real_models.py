@@ -5,6 +5,8 @@ In both tokenizers a tag is several tokens and the last one can carry more text 
 backend can stop inside a token and return text past the action. These tests fail on a change that
 breaks real models; on failure they show each turn's mask-1 text."""
 
+import random
+
 import pytest
 import torch
 
@@ -216,3 +218,15 @@ def test_a_tokenizer_without_an_end_of_sequence_is_an_error_naming_it(qwen3_toke
     tok.chat_template, tok.eos_token = None, None
     with pytest.raises(TokenizerError, match="my-model: the tokenizer has no end-of-sequence token"):
         check_special_tokens(tok, source="my-model")
+
+
+def test_warmup_demonstrations_answer_the_memory_relations_without_a_search(tiny_world, bm25, tokenizer):
+    from zslib import warmup
+    profile = load_profile("smollm2", {"warmup.questions": 40, "warmup.memory_relations": ["born_in"],
+                                       "warmup.memory_demos": 2})
+    demos = warmup.warmup_demos(profile, tokenizer, bm25, tiny_world["splits"], tiny_world["entities"])
+    rows = random.Random(profile.seed).sample(tiny_world["splits"]["train"], 40)
+    born_in = sum(r["relation"].split("/")[-1] == "born_in" for r in rows)
+    assert born_in > 0 and len(demos) == 40 + 2 * born_in
+    extra = [tokenizer.decode([i for i, m in zip(d.ids, d.mask) if m]) for d in demos[40:]]
+    assert all("<search>" not in text and "<answer>" in text for text in extra), extra[:2]

@@ -159,6 +159,10 @@ class WarmupConfig(_Section):
     KEY = "warmup"
     steps: int = number(0, low=0)        # 0: none; the policy base is models.policy as it is
     questions: int = number(400, low=1)  # train questions demonstrated, 1-hop and 2-hop
+    # A flaw that only searching fixes, as the tiny base's (tiny.memory_relations): questions about these
+    # relations get memory_demos more demonstrations that answer without a search (a guess, without loss)
+    memory_relations: list = choice([], RELATIONS)
+    memory_demos: int = number(0, low=0)
     lr: float = number(1e-4, above=0)
     warmup_steps: int = number(10, low=0)
     batch_tokens: int = number(4096, low=1)  # padded tokens per optimizer step

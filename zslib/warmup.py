@@ -38,13 +38,16 @@ def prepare_packaged(profile) -> list[str]:
 
 def warmup_demos(profile, tokenizer, engine, splits: dict, entities: list[dict]):
     """The warm-up's demonstrations: ``warmup.questions`` train questions (1-hop and 2-hop), one
-    scripted demonstration each, rendered with ``tokenizer``'s chat template."""
+    scripted demonstration each, rendered with ``tokenizer``'s chat template, plus ``warmup.memory_demos``
+    answers without a search for each question about ``warmup.memory_relations``."""
     from .tiny import recipes
 
     rows = random.Random(profile.seed).sample(splits["train"], min(profile.warmup.questions, len(splits["train"])))
     by_name = {e["name"]: e for e in entities}
+    cfg = profile.warmup
     return recipes.scripted_demos(tokenizer, rows, engine, by_name, known=set(), topk=profile.search.topk,
-                                  seed=profile.seed, per_question=1, restate_topic=True)
+                                  seed=profile.seed, per_question=1, restate_topic=True,
+                                  memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos, guess_loss=False)
 
 
 def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild: bool = False) -> dict:

@@ -64,8 +64,9 @@ def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = N
             if name == "bm25" and temperature == 0.0:
                 greedy = trajs
     margins = decision_margins(model, tokenizer, rows)
-    # Only the tiny base is taught to answer some relations from memory (a warmed-up real model is not)
-    memory = set(profile.tiny.memory_relations) if profile.is_tiny and profile.tiny.memory_demos > 0 else set()
+    # The relations the base was taught to answer from memory: the tiny base's, or a warm-up's
+    taught = profile.tiny if profile.is_tiny else profile.warmup
+    memory = set(taught.memory_relations) if taught.memory_demos > 0 else set()
     by_relation: dict[str, dict] = {}
     for q, t, m in zip(rows, greedy, margins):
         r = by_relation.setdefault(q["relation"], {"n": 0, "em": 0.0, "searched_share": 0.0, "margins": [],
