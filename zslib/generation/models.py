@@ -48,7 +48,7 @@ class TokenizerError(ValueError):
 
 # ---------------------------------------------------------------- pad and end of sequence
 # The one place they are decided. Real tokenizers get them wrong in both directions: SmolLM2's GGUF
-# tokenizer has no pad token and calls <|im_start|> its end of sequence (docs/guide.md, "Real models").
+# tokenizer has no pad token and calls <|im_start|> its end of sequence (docs/guide.md, "A real model on a laptop").
 
 def end_of_turn(tokenizer) -> str | None:
     """The special token the chat template closes an assistant message with (``<|im_end|>`` for
