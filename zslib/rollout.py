@@ -71,9 +71,9 @@ def through_first_action(ids: list[int], tokenizer) -> int:
     def complete(n: int) -> bool:
         return _ACTION.search(tokenizer.decode(ids[:n], skip_special_tokens=True)) is not None
 
-    if not ids or not complete(len(ids)):
-        return len(ids)
-    if not complete(len(ids) - 1):  # the usual case: the backend stopped on the completing token
+    # Complete prefixes only grow longer, so one decode settles the usual cases: no action at all, or
+    # the backend stopped on the completing token.
+    if len(ids) < 2 or not complete(len(ids) - 1):
         return len(ids)
     low, high = 1, len(ids) - 1  # complete(high) holds; find the shortest complete prefix
     while low < high:

@@ -4,8 +4,9 @@ the search protocol (the ``warmup`` section of a profile; ``configs/smollm2.yaml
 A pretrained instruct model knows nothing of ``<search>`` and ``<information>``: SmolLM2-135M-Instruct,
 given the policy prompt, answered in prose on every question (DESIGN §13), so RL from it gets no
 reward. A short supervised warm-up on the tiny world's scripted demonstrations teaches the format and
-the habit of searching; the demonstrations keep their mistakes (poor queries, wrong picks, guesses),
-so the warmed-up base is imperfect and RL has something to improve.
+the habit of searching. The demonstrations keep their mistakes (poor queries, wrong picks, guesses),
+but a real model soon copies answers from retrieved articles without them (docs/results.md, issue 25);
+``warmup.memory_relations`` adds a flaw that only searching fixes, as the tiny base has.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .files import write_folder_atomic
-from .generation.models import convert_gguf, load_causal_lm, quiet_loading
+from .generation.models import convert_gguf, load_causal_lm
 from .generation.packaged import PACKAGED, packaged_path
 
 
@@ -60,15 +61,14 @@ def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild
     log = profile.models_dir / "policy-base.loss.jsonl"
     if (out / "config.json").exists() and not rebuild:
         return {"history": pretraining.read_log(log), "demos": None, "trained": None}
-    quiet_loading()
     model, tokenizer = load_causal_lm(profile.model_source(profile.models.policy), "float32", "cpu")
     demos = warmup_demos(profile, tokenizer, engine, splits, entities)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
+        torch.manual_seed(profile.seed)  # the adapter's initial weights
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    torch.manual_seed(profile.seed)
     history = pretraining.pretrain(model, demos, cfg.steps, cfg, log, seed=profile.seed, desc="protocol warm-up")
     if cfg.lora:
         model = model.merge_and_unload()
