@@ -230,3 +230,13 @@ def test_warmup_demonstrations_answer_the_memory_relations_without_a_search(tiny
     assert born_in > 0 and len(demos) == 40 + 2 * born_in
     extra = [tokenizer.decode([i for i, m in zip(d.ids, d.mask) if m]) for d in demos[40:]]
     assert all("<search>" not in text and "<answer>" in text for text in extra), extra[:2]
+
+
+def test_warmup_demonstrations_render_the_prompt_with_the_policys_thinking(tiny_world, bm25, qwen3_tokenizer):
+    from zslib import warmup
+    empty_think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for thinking in (True, False):
+        profile = load_profile("smollm2", {"warmup.questions": 6, "warmup.memory_demos": 0, "thinking.policy": thinking})
+        demos = warmup.warmup_demos(profile, qwen3_tokenizer, bm25, tiny_world["splits"], tiny_world["entities"])
+        prompts = [qwen3_tokenizer.decode(d.ids[:d.mask.index(1)]) for d in demos]
+        assert len(prompts) == 6 and all((empty_think in p) is not thinking for p in prompts), prompts[0]

@@ -199,7 +199,7 @@ def method_prompts(method: Method, rows: list[dict], search_fn, topk: int, tiny:
     stubs = [Trajectory(r["question"], list(r["golden_answers"])) for r in rows]
     docs, _ = search_fn([r["question"] for r in rows], stubs)  # one retrieval with the question
     if tiny:
-        return [render_policy_prompt(tok, r["question"]) + information_block(d).lstrip("\n")
+        return [render_policy_prompt(tok, r["question"], getattr(thinking, "policy", True)) + information_block(d).lstrip("\n")
                 for r, d in zip(rows, docs)], search_fn, 0
     return [render_user_prompt(tok, rag_user_message(r["question"], d), think) for r, d in zip(rows, docs)], search_fn, 0
 

@@ -48,7 +48,8 @@ def warmup_demos(profile, tokenizer, engine, splits: dict, entities: list[dict])
     cfg = profile.warmup
     return recipes.scripted_demos(tokenizer, rows, engine, by_name, known=set(), topk=profile.search.topk,
                                   seed=profile.seed, per_question=1, restate_topic=True,
-                                  memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos, guess_loss=False)
+                                  memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos, guess_loss=False,
+                                  enable_thinking=profile.thinking.policy)
 
 
 def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild: bool = False) -> dict:

@@ -14,7 +14,8 @@ from ..search import NullEngine
 from .recipes import MEMORY_DECISION, SEARCH_DECISION, first_thought
 
 @torch.no_grad()
-def decision_margins(model, tokenizer, rows: list[dict], batch_size: int = 64) -> list[float]:
+def decision_margins(model, tokenizer, rows: list[dict], batch_size: int = 64,
+                     enable_thinking: bool = True) -> list[float]:
     """log p(search) - log p(answer from memory) at the base's first decision, in nats, per row: the
     demonstrations' two first-turn openings (``first_thought`` then ``SEARCH_DECISION`` or
     ``MEMORY_DECISION``) scored after the row's prompt. Above 0 the model prefers to search.
@@ -24,7 +25,7 @@ def decision_margins(model, tokenizer, rows: list[dict], batch_size: int = 64) -
     """
     seqs, starts = [], []
     for q in rows:
-        prompt = tokenizer(render_policy_prompt(tokenizer, q["question"]), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(render_policy_prompt(tokenizer, q["question"], enable_thinking), add_special_tokens=False)["input_ids"]
         for decision in (SEARCH_DECISION, MEMORY_DECISION):
             seqs.append(prompt + tokenizer(first_thought(q) + decision, add_special_tokens=False)["input_ids"])
             starts.append(len(prompt))
@@ -63,7 +64,7 @@ def evaluate_base(profile, model, tokenizer, engine, rows: list[dict] | None = N
                                                    enable_thinking=profile.thinking.policy)
             if name == "bm25" and temperature == 0.0:
                 greedy = trajs
-    margins = decision_margins(model, tokenizer, rows)
+    margins = decision_margins(model, tokenizer, rows, enable_thinking=profile.thinking.policy)
     # The relations the base was taught to answer from memory: the tiny base's, or a warm-up's
     taught = profile.tiny if profile.is_tiny else profile.warmup
     memory = set(taught.memory_relations) if taught.memory_demos > 0 else set()

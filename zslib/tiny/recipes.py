@@ -123,7 +123,8 @@ def _wrong_pick(docs: list[Doc], relation: str, answer: str, entities_by_name: d
 def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entities_by_name: dict,
                    known: set[str], topk: int, seed: int, per_question: int,
                    train_docs: bool = False, memory_relations=(), memory_demos: int = 0,
-                   guess_loss: bool = True, restate_topic: bool = False) -> list[Example]:
+                   guess_loss: bool = True, restate_topic: bool = False,
+                   enable_thinking: bool = True) -> list[Example]:
     """Demonstrations of the protocol with mistakes: no search, poor queries, wrong picks.
 
     The assistant's turns carry loss, the prompt never does. With ``train_docs`` the
@@ -163,10 +164,10 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
     for (q, style), query, docs in zip(plans, first_queries, first_results):
         answer, subject = q["golden_answers"][0], q["subject"]
         relations = q["relation"].split("/")
-        prompt = render_policy_prompt(tokenizer, q["question"])
+        prompt = render_policy_prompt(tokenizer, q["question"], enable_thinking)
         segs: list[tuple[str, bool]] = [(prompt, False)]
         if style == "no_search":
-            out.append(_memory_demo(tokenizer, q, known, entities_by_name, rng, guess_loss))
+            out.append(_memory_demo(tokenizer, q, known, entities_by_name, rng, guess_loss, enable_thinking))
             continue
         segs.append((first_thought(q) + SEARCH_DECISION + " " + query + " </search>", True))
         # Later thoughts open with the same sentence when tiny.restate_topic: whether to answer or to
@@ -205,19 +206,19 @@ def scripted_demos(tokenizer, questions: list[dict], engine: SearchEngine, entit
     memory_rng = random.Random(seed + 1)
     for q in questions:
         if q["relation"].split("/")[-1] in memory_relations:
-            out += [_memory_demo(tokenizer, q, known, entities_by_name, memory_rng, guess_loss)
+            out += [_memory_demo(tokenizer, q, known, entities_by_name, memory_rng, guess_loss, enable_thinking)
                     for _ in range(memory_demos)]
     return out
 
 
 def _memory_demo(tokenizer, q: dict, known: set[str], entities_by_name: dict, rng: random.Random,
-                 guess_loss: bool = True) -> Example:
+                 guess_loss: bool = True, enable_thinking: bool = True) -> Example:
     """An answer without a search: right only for a 1-hop question about an entity the policy read
     about (recalled, so it carries loss); otherwise a guess, with loss only if ``guess_loss``."""
     answer = q["golden_answers"][0]
     recalled = q["subject"] in known and q["hops"] == 1
     guess = answer if recalled else _random_same_type(answer, entities_by_name, rng)
-    return segments_to_example(tokenizer, [(render_policy_prompt(tokenizer, q["question"]), False),
+    return segments_to_example(tokenizer, [(render_policy_prompt(tokenizer, q["question"], enable_thinking), False),
                                            (f"{first_thought(q)}{MEMORY_DECISION}", True),
                                            (f" {guess}", recalled or guess_loss), (f" </answer>{tokenizer.eos_token}", True)])
 
@@ -293,5 +294,6 @@ def policy_examples(profile, tokenizer, engine, articles: list[dict], entities: 
                                seed=profile.seed, per_question=cfg.demos_per_question,
                                train_docs=cfg.demo_loss_on_information,
                                memory_relations=cfg.memory_relations, memory_demos=cfg.memory_demos,
-                               guess_loss=cfg.guess_loss, restate_topic=cfg.restate_topic)
+                               guess_loss=cfg.guess_loss, restate_topic=cfg.restate_topic,
+                               enable_thinking=profile.thinking.policy)
     return examples + copy_drills(tokenizer, cfg.copy_drills, profile.seed + 8, cfg.copy_years, cfg.copy_titles)
