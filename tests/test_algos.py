@@ -24,6 +24,19 @@ def test_aggregations():
         algos.agg_loss(values, mask, "sum")
 
 
+def test_micro_batches_divided_by_the_mini_batch_counts_add_up_to_the_mini_batch():
+    """Rows split into micro-batches, each total divided by the whole mini-batch's count: the parts
+    add up to the mini-batch's aggregate (not a mean of the parts' own aggregates)."""
+    values, mask = T([[1, 2, 3], [4, 5, 6]]), T([[1, 1, 0], [1, 0, 0]])
+    for mode, parts, whole in [("token-mean", (3 / 3, 4 / 3), 7 / 3),           # 3 mask-1 tokens
+                               ("seq-mean-token-sum", (3 / 2, 4 / 2), 7 / 2),   # 2 rows
+                               ("seq-mean-token-mean", (1.5 / 2, 4 / 2), 5.5 / 2)]:
+        counts = algos.Counts.of(mask, mode)
+        got = [algos.agg_loss(values[i:i + 1], mask[i:i + 1], mode, counts.loss).item() for i in (0, 1)]
+        assert got == pytest.approx(parts) and sum(got) == pytest.approx(whole)
+    assert algos.Counts.of(mask, "seq-mean-token-sum") == algos.Counts(loss=2, tokens=3)
+
+
 def test_last_token_scores():
     mask = T([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
     rewards = algos.last_token_scores(T([2, 3, 4]), mask)

@@ -112,6 +112,43 @@ def test_information_tokens_get_no_gradient_with_the_loss_mask(protocol_model, t
         assert (grad[in_info] > 0).float().mean() > 0.9, "the ablation trains the documents"
 
 
+def test_a_micro_batch_is_padded_to_its_own_longest_row():
+    ids = torch.arange(3 * 192).view(3, 192)
+    batch = trainer.Batch(ids, torch.ones(3, 191), torch.zeros(3), torch.zeros(3), ref_logp=torch.zeros(3, 191),
+                          lengths=torch.tensor([150, 70, 65]))
+    short = batch.rows(torch.tensor([1, 2])).trimmed()
+    assert short.input_ids.shape == (2, 128) and short.mask.shape == short.ref_logp.shape == (2, 127)
+    assert torch.equal(short.input_ids, ids[1:, :128]) and short.scores.shape == (2,)
+    assert batch.trimmed().input_ids.shape == (3, 192), "the longest row keeps the full width"
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_micro_batches_give_the_gradient_of_one_pass_over_the_mini_batch(policy_dir, protocol_model, tokenizer,
+                                                                         bm25, tmp_path, agg):
+    """Gradient accumulation over micro-batches of 4 and 2 rows equals one pass over the 6 rows, for
+    the policy and PPO's critic (no clipping, so the gradients are compared as computed)."""
+    trajs = _rollouts(protocol_model, tokenizer, bm25, n=6)
+    grads, stats = {}, {}
+    for micro in (0, 4):
+        profile = _profile(policy_dir, algorithm="ppo", engine="bm25", mini_batch_size=6, micro_batch_size=micro,
+                           agg=agg, kl_coef=0.1, entropy_coef=0.01, grad_clip=1e9, validate_every=0,
+                           bf16_autocast=False)  # fp32: the two orders of summation agree to rounding
+        t = trainer.RLTrainer(profile, tmp_path / str(micro), real_engine=bm25, questions=protocol_model[1])
+        batch = t.score(trainer.Rollouts(1, [], trajs, torch.tensor([0, 0, 0, 1, 1, 1]), 0.0, 0))
+        batch.scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.2], device=batch.scores.device)
+        t.advantages(t.logprobs(batch))
+        with torch.no_grad():  # old log-probs off the current ones: ratios away from 1 exercise the clip
+            current = t._in_parts(lambda x: rl_models.token_logprobs(t.policy, x)[0], batch)
+        noise = 0.1 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
+        batch.old_logp = current + noise.to(current.device)
+        stats[micro] = t._optimizer_step(batch)
+        grads[micro] = [p.grad.clone() for p in [*t.policy.parameters(), *t.critic.parameters()]]
+    assert len(t._micro_batches(batch)) == 2
+    for a, b in zip(grads[0], grads[4]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert stats[4] == pytest.approx(stats[0], rel=1e-4, abs=1e-6)
+
+
 def test_reward_reads_only_the_policy_text(tokenizer):
     """The invalid-action message shows '<answer> answer </answer>': it must not score; the answer
     the rollout parsed from the policy's own turn does."""

@@ -12,23 +12,47 @@ loads: ``ALGORITHMS`` (``rl.algorithm``), ``AGGREGATIONS`` (``rl.agg``) and ``KL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from .registry import Registry
 
-# How per-token losses become one number: ``(values, mask as values' dtype) -> scalar``.
+class Aggregation(NamedTuple):
+    """How per-token losses become one number: ``total(values, mask) / count(mask)``. Kept apart so
+    that a micro-batch divides its total by its whole mini-batch's count: the micro-batches' losses
+    then add up to the mini-batch's exactly, whatever the mode."""
+    total: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    count: Callable[[torch.Tensor], float]
+
+
 AGGREGATIONS = Registry("rl.agg", {
-    "token-mean": lambda v, m: (v * m).sum() / m.sum().clamp(min=1),
-    "seq-mean-token-sum": lambda v, m: (v * m).sum(-1).mean(),
-    "seq-mean-token-mean": lambda v, m: ((v * m).sum(-1) / m.sum(-1).clamp(min=1)).mean(),
+    "token-mean": Aggregation(lambda v, m: (v * m).sum(), lambda m: m.sum().item()),
+    "seq-mean-token-sum": Aggregation(lambda v, m: (v * m).sum(), lambda m: m.shape[0]),
+    "seq-mean-token-mean": Aggregation(lambda v, m: ((v * m).sum(-1) / m.sum(-1).clamp(min=1)).sum(),
+                                       lambda m: m.shape[0]),
 })
 
 
-def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce per-token losses to a scalar over mask-1 tokens (``AGGREGATIONS``)."""
-    return AGGREGATIONS[mode](values, mask.to(values.dtype))
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+             count: float | None = None) -> torch.Tensor:
+    """Reduce per-token losses to a scalar over mask-1 tokens (``AGGREGATIONS``). ``count``: the
+    denominator of the whole mini-batch (``Counts``) when ``values`` are one micro-batch of it."""
+    agg, mask = AGGREGATIONS[mode], mask.to(values.dtype)
+    return agg.total(values, mask) / max(agg.count(mask) if count is None else count, 1)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A mini-batch's denominators: ``loss`` for the profile's aggregation, ``tokens`` (its mask-1
+    tokens) for the token-mean statistics."""
+    loss: float
+    tokens: float
+
+    @staticmethod
+    def of(mask: torch.Tensor, mode: str) -> "Counts":
+        mask = mask.float()
+        return Counts(AGGREGATIONS[mode].count(mask), mask.sum().item())
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -128,29 +152,31 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torc
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0,
-                agg: str = "token-mean") -> tuple[torch.Tensor, dict]:
+                agg: str = "token-mean", counts: Counts | None = None) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate with the dual clip for negative advantages.
 
     L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); for A < 0, L = min(L, -A c).
-    Returns (loss, {"clip_frac", "approx_kl"}) with the statistics over mask-1 tokens.
+    Returns (loss, {"clip_frac", "approx_kl"}) with the statistics over mask-1 tokens; ``counts``:
+    the mini-batch's, when these rows are one micro-batch of it.
     """
+    counts = counts or Counts.of(mask, agg)
     log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
-    stats = {"clip_frac": agg_loss((clipped > unclipped).float(), mask).item(),
-             "approx_kl": agg_loss(-log_ratio, mask).item()}
-    return agg_loss(loss, mask, agg), stats
+    stats = {"clip_frac": agg_loss((clipped > unclipped).float(), mask, count=counts.tokens).item(),
+             "approx_kl": agg_loss(-log_ratio, mask, count=counts.tokens).item()}
+    return agg_loss(loss, mask, agg, counts.loss), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.5, agg: str = "token-mean") -> torch.Tensor:
+               clip: float = 0.5, agg: str = "token-mean", counts: Counts | None = None) -> torch.Tensor:
     """½ max((v - R)², (clip(v, v_old ± clip) - R)²), aggregated over mask-1 tokens."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return agg_loss(loss, mask, agg)
+    return agg_loss(loss, mask, agg, None if counts is None else counts.loss)
 
 
 def _low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

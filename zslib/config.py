@@ -356,6 +356,7 @@ class RLConfig(_Section):
     warmup_steps: int = number(5, low=0)
     ppo_epochs: int = number(1, low=1)
     mini_batch_size: int = number(32, low=1)  # trajectories per optimizer step
+    micro_batch_size: int = number(0, low=0)  # trajectories per forward/backward pass (gradients accumulated); 0: the mini-batch
     grad_clip: float = number(1.0, above=0)
     clip_low: float = number(0.2, low=0, below=1)
     clip_high: float = number(0.2, low=0)
@@ -385,6 +386,9 @@ class RLConfig(_Section):
     def __post_init__(self):
         self.bf16_autocast = bf16_setting(self.bf16_autocast, "rl.bf16_autocast")
         super().__post_init__()
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ConfigError(f"rl.micro_batch_size ({self.micro_batch_size}) must be at most rl.mini_batch_size "
+                              f"({self.mini_batch_size}): a micro-batch is a part of a mini-batch")
 
 
 @dataclass

@@ -56,7 +56,8 @@ def load_models(profile, needs_critic: bool, device: str | None = None) -> Polic
 
 
 def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64) -> dict:
-    """Right-padded ``input_ids`` ``[B, T]`` and the shifted ``mask`` ``[B, T-1]``.
+    """Right-padded ``input_ids`` ``[B, T]``, the shifted ``mask`` ``[B, T-1]`` and each row's
+    real ``lengths`` ``[B]``.
 
     Padding goes on the right, after every real token, so the causal mask alone keeps it out of
     every real token's attention: no attention mask is needed (with one, CPU attention takes a
@@ -73,7 +74,8 @@ def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64
         mask[r, :n] = torch.tensor(t.loss_mask) if loss_mask else 1
         if not loss_mask:
             mask[r, :t.prompt_len] = 0
-    return {"input_ids": ids, "mask": mask[:, 1:]}
+    lengths = torch.tensor([len(t.token_ids) for t in trajs])
+    return {"input_ids": ids, "mask": mask[:, 1:], "lengths": lengths}
 
 
 def token_logprobs(model, input_ids, with_entropy: bool = False):

@@ -68,10 +68,20 @@ class Batch:
     values: torch.Tensor | None = None     # the critic's (PPO)
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None    # the critic's targets (PPO)
+    lengths: torch.Tensor | None = None    # [B] real tokens per row (the rest is right padding)
 
     def rows(self, index) -> "Batch":
         """The batch restricted to ``index`` (a mini-batch)."""
         return Batch(**{k: None if v is None else v[index] for k, v in vars(self).items()})
+
+    def trimmed(self, multiple: int = 64) -> "Batch":
+        """The same rows, padded only to their own longest (rounded up to ``multiple``, as
+        ``batch_tensors``): a micro-batch of short rows does not pay for the batch's longest."""
+        if self.lengths is None:
+            return self
+        width = min(-(-int(self.lengths.max()) // multiple) * multiple, self.input_ids.shape[1])
+        return Batch(**{k: v if v is None or v.dim() == 1 else v[:, :width - (k != "input_ids")]
+                        for k, v in vars(self).items()})
 
 
 # ---------------------------------------------------------------- pure functions
@@ -84,12 +94,16 @@ def trajectory_score(traj: Trajectory, reward: str, tokenizer) -> float:
     return REWARDS[reward](traj.answer, traj.golden_answers, response)
 
 
-def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask) -> tuple[torch.Tensor, dict]:
+def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask,
+            counts: algos.Counts | None = None) -> tuple[torch.Tensor, dict]:
     """pg - c_H * H + beta * KL, each aggregated over mask-1 tokens only (KL with a plus sign,
-    docs/method.md §9). Returns (loss, statistics)."""
-    pg, stats = algos.policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.agg)
-    ent = algos.agg_loss(entropy, mask, cfg.agg)
-    kl = algos.agg_loss(algos.kl_penalty(logp, ref_logp, cfg.kl_kind), mask, cfg.agg)
+    docs/method.md §9). Returns (loss, statistics). ``counts``: the mini-batch's denominators when
+    these rows are one micro-batch of it (then losses and statistics add up over micro-batches)."""
+    counts = counts or algos.Counts.of(mask, cfg.agg)
+    pg, stats = algos.policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.agg,
+                                  counts)
+    ent = algos.agg_loss(entropy, mask, cfg.agg, counts.loss)
+    kl = algos.agg_loss(algos.kl_penalty(logp, ref_logp, cfg.kl_kind), mask, cfg.agg, counts.loss)
     loss = pg - cfg.entropy_coef * ent + cfg.kl_coef * kl
     return loss, {"pg_loss": pg.item(), "entropy": ent.item(), "kl": kl.item(), **stats}
 
@@ -276,23 +290,32 @@ class RLTrainer:
         scores = torch.tensor([trajectory_score(t, self.cfg.reward, self.tokenizer) for t in group.trajs])
         tensors = batch_tensors(group.trajs, self.tokenizer.pad_token_id, self.cfg.loss_mask)
         return Batch(tensors["input_ids"].to(self.device), tensors["mask"].to(self.device), scores.to(self.device),
-                     group.group_ids.to(self.device))
+                     group.group_ids.to(self.device), lengths=tensors["lengths"].to(self.device))
 
     def logprobs(self, batch: Batch) -> Batch:
         """Phase 4, without gradient: the reference's log-probs (for the KL), the old policy's (for the
-        ratio) and the critic's values, in mini-batches. One epoch over one mini-batch is exactly
+        ratio) and the critic's values, in micro-batches. One epoch over one mini-batch is exactly
         on-policy: the update's own forward pass gives the old log-probs, so they stay None here."""
         cfg, ids = self.cfg, batch.input_ids
         on_policy = cfg.ppo_epochs == 1 and len(ids) <= cfg.mini_batch_size
         with torch.no_grad(), self._autocast():
-            batch.old_logp = None if on_policy else self._by_mini_batch(lambda x: token_logprobs(self.policy, x)[0], ids)
-            batch.ref_logp = self._by_mini_batch(self._reference_logprobs, ids)
-            batch.values = self._by_mini_batch(self.critic, ids) if self.critic is not None else None
+            batch.old_logp = None if on_policy else self._in_parts(lambda x: token_logprobs(self.policy, x)[0], batch)
+            batch.ref_logp = self._in_parts(self._reference_logprobs, batch)
+            batch.values = self._in_parts(self.critic, batch) if self.critic is not None else None
         return batch
 
-    def _by_mini_batch(self, fn, ids: torch.Tensor) -> torch.Tensor:
-        """``fn`` over ``ids`` one mini-batch of rows at a time, the results joined along the rows."""
-        return torch.cat([fn(ids[i]) for i in torch.arange(len(ids)).split(self.cfg.mini_batch_size)])
+    def _micro_batches(self, batch: Batch) -> list[Batch]:
+        """``batch`` in parts of ``rl.micro_batch_size`` rows (0: of ``rl.mini_batch_size``), each
+        padded only to its own longest row: one forward (and backward) pass each."""
+        size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
+        return [batch.rows(i).trimmed() for i in torch.arange(len(batch.input_ids)).split(size)]
+
+    def _in_parts(self, fn, batch: Batch) -> torch.Tensor:
+        """``fn(input_ids) -> [rows, tokens - 1]`` over ``batch`` one micro-batch at a time, each
+        result padded back to the batch's width (with zeros, under mask 0) and joined along the rows."""
+        width = batch.input_ids.shape[1] - 1
+        parts = [fn(part.input_ids) for part in self._micro_batches(batch)]
+        return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in parts])
 
     def _reference_logprobs(self, ids):
         if self.reference is not None:
@@ -307,13 +330,14 @@ class RLTrainer:
                                                                     batch.values, self.cfg)
         return batch
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: Batch, counts: algos.Counts | None = None) -> tuple[torch.Tensor, dict]:
         """The RL loss of ``batch`` (or a mini-batch of it, ``batch.rows(i)``) under the current
-        policy, with gradient, and its statistics: every term sees only mask-1 tokens."""
+        policy, with gradient, and its statistics: every term sees only mask-1 tokens. ``counts``:
+        the mini-batch's denominators when ``batch`` is one micro-batch of it."""
         with self._autocast():
             logp, entropy = token_logprobs(self.policy, batch.input_ids, with_entropy=True)
         old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
-        return rl_loss(self.cfg, logp, entropy, old_logp, batch.ref_logp, batch.advantages, batch.mask)
+        return rl_loss(self.cfg, logp, entropy, old_logp, batch.ref_logp, batch.advantages, batch.mask, counts)
 
     def update(self, batch: Batch) -> dict:
         """Phase 6: ``ppo_epochs`` passes over the batch in shuffled mini-batches, one optimizer step
@@ -332,21 +356,29 @@ class RLTrainer:
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
     def _optimizer_step(self, mini: Batch) -> dict:
-        cfg = self.cfg
-        loss, out = self.loss(mini)
+        """One optimizer step on a mini-batch, its gradient accumulated over micro-batches: each
+        micro-batch's loss is divided by the whole mini-batch's counts, so the sum of their gradients
+        is the gradient of one pass over the mini-batch (and so are the statistics)."""
+        cfg, counts, out = self.cfg, algos.Counts.of(mini.mask, self.cfg.agg), {}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.critic is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        for part in self._micro_batches(mini):
+            loss, stats = self.loss(part, counts)
+            loss.backward()
+            if self.critic is not None:
+                with self._autocast():
+                    values = self.critic(part.input_ids)
+                vloss = algos.value_loss(values, part.values, part.returns, part.mask, cfg.value_clip, cfg.agg, counts)
+                vloss.backward()
+                stats["value_loss"] = vloss.item()
+            for key, value in stats.items():
+                out[key] = out.get(key, 0.0) + value
         out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
         self.optimizer.step()
         if self.critic is not None:
-            with self._autocast():
-                values = self.critic(mini.input_ids)
-            vloss = algos.value_loss(values, mini.values, mini.returns, mini.mask, cfg.value_clip, cfg.agg)
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            vloss.backward()
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
             self.critic_optimizer.step()
-            out["value_loss"] = vloss.item()
         return out
 
     def rollout_logprobs(self, batch: Batch) -> torch.Tensor:
@@ -354,7 +386,7 @@ class RLTrainer:
         ``[B]``, without gradient: an update should raise it where the advantage is positive and lower
         it where it is negative."""
         with torch.no_grad(), self._autocast():
-            logp = self._by_mini_batch(lambda x: token_logprobs(self.policy, x)[0], batch.input_ids)
+            logp = self._in_parts(lambda x: token_logprobs(self.policy, x)[0], batch)
         mask = batch.mask.to(logp.dtype)
         return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
