@@ -18,6 +18,7 @@ import torch
 
 from .registry import Registry
 
+
 class Aggregation(NamedTuple):
     """How per-token losses become one number: ``total(values, mask) / count(mask)``. Kept apart so
     that a micro-batch divides its total by its whole mini-batch's count: the micro-batches' losses
