@@ -164,3 +164,9 @@ def test_fast_bf16_agrees_with_the_cpu_flags():
         assert fast, why
     if not {"avx512bw", "amx_bf16"} & flags:
         assert not fast, why
+
+
+def test_a_micro_batch_larger_than_its_mini_batch_is_an_error():
+    with pytest.raises(ConfigError, match=r"rl.micro_batch_size \(8\) must be at most rl.mini_batch_size \(4\)"):
+        load_profile("tiny", {"rl.mini_batch_size": 4, "rl.micro_batch_size": 8})
+    assert load_profile("tiny", {"rl.mini_batch_size": 4, "rl.micro_batch_size": 4}).rl.micro_batch_size == 4
