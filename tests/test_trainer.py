@@ -1,6 +1,8 @@
 """The RL trainer on a small model that already follows the protocol: masks reach the loss,
 rewards read only the policy's text, and an interrupted run resumes to the same result."""
 
+import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -122,30 +124,98 @@ def test_a_micro_batch_is_padded_to_its_own_longest_row():
     assert batch.trimmed().input_ids.shape == (3, 192), "the longest row keeps the full width"
 
 
+def _cut(t: Trajectory, keep: int) -> Trajectory:
+    """``t`` with only its prompt and ``keep`` more tokens: a row far shorter than the others."""
+    n = t.prompt_len + keep
+    return dataclasses.replace(t, token_ids=t.token_ids[:n], loss_mask=[0] * t.prompt_len + [1] * keep)
+
+
+# The memory-bounded ways through a mini-batch, each against one plain pass over it.
+MEMORY_SAVERS = {"micro-batches of 4 rows, log-probs in chunks of 37": {"micro_batch_size": 4, "logprob_chunk": 37},
+                 "micro-batches by tokens, with activation checkpointing": {"micro_batch_tokens": 200,
+                                                                            "gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "reinforce_pp"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
-def test_micro_batches_give_the_gradient_of_one_pass_over_the_mini_batch(policy_dir, protocol_model, tokenizer,
-                                                                         bm25, tmp_path, agg):
-    """Gradient accumulation over micro-batches of 4 and 2 rows equals one pass over the 6 rows, for
-    the policy and PPO's critic (no clipping, so the gradients are compared as computed)."""
+def test_memory_bounded_updates_give_the_gradient_of_one_pass_over_the_mini_batch(
+        policy_dir, protocol_model, tokenizer, bm25, tmp_path, algorithm, agg):
+    """Micro-batches (by rows or by a token budget, each padded to its own longest), chunked log-probs and
+    activation checkpointing change the memory, not the update: the policy's (and PPO's critic's)
+    gradients and the statistics equal one pass over the 6 rows, whose lengths differ 2.5-fold
+    (no clipping, so the gradients are compared as computed)."""
     trajs = _rollouts(protocol_model, tokenizer, bm25, n=6)
+    trajs[1], trajs[4] = _cut(trajs[1], 3), _cut(trajs[4], 9)
     grads, stats = {}, {}
-    for micro in (0, 4):
-        profile = _profile(policy_dir, algorithm="ppo", engine="bm25", mini_batch_size=6, micro_batch_size=micro,
+    for name, settings in {"one pass": {}, **MEMORY_SAVERS}.items():
+        profile = _profile(policy_dir, algorithm=algorithm, engine="bm25", mini_batch_size=6,
                            ppo_epochs=2,  # off-policy: logprobs() computes the old log-probs, by micro-batch
                            agg=agg, kl_coef=0.1, entropy_coef=0.01, grad_clip=1e9, validate_every=0,
-                           bf16_autocast=False)  # fp32: the two orders of summation agree to rounding
-        t = trainer.RLTrainer(profile, tmp_path / str(micro), real_engine=bm25, questions=protocol_model[1])
+                           bf16_autocast=False, **settings)  # fp32: the orders of summation agree to rounding
+        t = trainer.RLTrainer(profile, tmp_path / str(len(grads)), real_engine=bm25, questions=protocol_model[1])
         batch = t.score(trainer.Rollouts(1, [], trajs, torch.tensor([0, 0, 0, 1, 1, 1]), 0.0, 0))
         batch.scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.2], device=batch.scores.device)
         t.advantages(t.logprobs(batch))
         noise = 0.1 * torch.randn(batch.old_logp.shape, generator=torch.Generator().manual_seed(0))
         batch.old_logp = batch.old_logp + noise.to(batch.old_logp.device)  # ratios away from 1 exercise the clip
-        stats[micro] = t._optimizer_step(batch)
-        grads[micro] = [p.grad.clone() for p in [*t.policy.parameters(), *t.critic.parameters()]]
-    assert len(t._micro_batches(batch)) == 2
-    for a, b in zip(grads[0], grads[4]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert stats[4] == pytest.approx(stats[0], rel=1e-4, abs=1e-6)
+        stats[name] = t._optimizer_step(batch)
+        grads[name] = [p.grad.clone() for p in [*t.policy.parameters(), *(t.critic.parameters() if t.critic else [])]]
+        if settings:
+            assert len(t._micro_batches(batch)) >= 2, name
+    lengths = batch.lengths.tolist()
+    assert max(lengths) > 2.5 * min(lengths)
+    for name in MEMORY_SAVERS:
+        for a, b in zip(grads["one pass"], grads[name]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+        assert stats[name] == pytest.approx(stats["one pass"], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_logprobs_and_entropy_equal_one_pass(protocol_model, tokenizer, bm25, lora):
+    """Log-probs and entropy from the output layer a few positions at a time equal one pass over every
+    position, with and without gradient, through a peft wrapper too (and with its adapter disabled,
+    the LoRA reference)."""
+    model = protocol_model[0]
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = rl_models.batch_tensors(_rollouts(protocol_model, tokenizer, bm25, n=3), tokenizer.pad_token_id)["input_ids"]
+    plain = rl_models.token_logprobs(model, ids, with_entropy=True)
+    for chunk in (1, 37, 10 ** 6):
+        with torch.no_grad():
+            logp, entropy = rl_models.token_logprobs(model, ids, with_entropy=True, chunk=chunk)
+        assert torch.allclose(logp, plain[0], atol=1e-5) and torch.allclose(entropy, plain[1], atol=1e-5)
+    if lora:
+        with model.disable_adapter():
+            base = rl_models.token_logprobs(model, ids)[0]
+            assert torch.allclose(rl_models.token_logprobs(model, ids, chunk=37)[0], base, atol=1e-5)
+        assert not torch.allclose(base, plain[0], atol=1e-3), "the adapter changes the log-probs"
+
+
+def test_the_reference_matches_the_policy_exactly_before_the_first_update(policy_dir, protocol_model, tokenizer,
+                                                                            bm25, tmp_path):
+    """The reference has the policy's precision and autocast, so under bf16 autocast the KL starts at 0."""
+    profile = _profile(policy_dir, engine="bm25", ppo_epochs=2, validate_every=0, bf16_autocast=True)
+    t = trainer.RLTrainer(profile, tmp_path, real_engine=bm25, questions=protocol_model[1])
+    assert next(t.reference.parameters()).dtype == next(t.policy.parameters()).dtype == torch.float32
+    trajs = _rollouts(protocol_model, tokenizer, bm25, n=2)
+    batch = t.logprobs(t.score(trainer.Rollouts(1, [], trajs, torch.tensor([0, 0]), 0.0, 0)))
+    assert torch.equal(batch.old_logp, batch.ref_logp)
+
+
+def test_micro_batches_by_tokens_hold_every_row_once_within_the_budget():
+    lengths = torch.tensor([700, 60, 130, 65, 300, 64, 250])
+    batch = trainer.Batch(torch.zeros(7, 704, dtype=torch.long), torch.ones(7, 703), torch.zeros(7), torch.zeros(7),
+                          lengths=lengths)
+    t = trainer.RLTrainer.__new__(trainer.RLTrainer)
+    t.cfg = load_profile("tiny", {"rl.micro_batch_tokens": 640}).rl
+    parts = t._micro_batches(batch)
+    # Longest first, widths padded to 64: 704, 320, 256, 192, 128, 64, 64. A part costs its rows times its
+    # first row's width: [704] alone (over the budget by itself); 2 x 320 = 640 fits, a third row not;
+    # 3 x 192 = 576 fits, a fourth (768) not; the last row alone.
+    assert [index.tolist() for index, _ in parts] == [[0], [4, 6], [2, 3, 5], [1]]
+    assert [tuple(part.input_ids.shape) for _, part in parts] == [(1, 704), (2, 320), (3, 192), (1, 64)]
 
 
 def test_reward_reads_only_the_policy_text(tokenizer):

@@ -245,8 +245,9 @@ class RolloutConfig(_Section):
 
 @dataclass
 class VLLMConfig(_Section):
-    """vLLM engine settings, for ``rollout.backend: vllm`` and the simulator server (zslib/generation/vllm_backend.py,
-    zslib/serve_simulator.py). The defaults suit the tiny models on a CPU (docs/method.md §17)."""
+    """vLLM engine settings, for ``rollout.backend: vllm`` (zslib/generation/vllm_backend.py) and, unless the
+    profile's ``simulator_vllm:`` section overrides some of them, for the simulator's engine in process and
+    its server (zslib/serve_simulator.py). The defaults suit the tiny models on a CPU (docs/method.md §17)."""
     KEY = "vllm"
     dtype: str = choice("auto", ("auto",) + DTYPES)  # auto: the model's own dtype (fp32 for the tiny models)
     max_model_len: int = number(1024, low=16)
@@ -257,6 +258,26 @@ class VLLMConfig(_Section):
     gpu_memory_utilization: float = number(0.3, above=0, high=1)  # GPU share for weights and cache when kv_cache_memory_bytes is 0
     max_num_seqs: int = number(256, low=1)
     seed: int = 0
+    # The colocated policy engine frees its GPU memory while the trainer updates (vLLM's sleep mode; the
+    # CPU build has none, so there the engine flag is left out and sleeping only pauses the engine)
+    sleep_mode: bool = False
+    tensor_parallel_size: int = number(1, low=1)  # GPUs one engine's weights are split over
+    data_parallel_size: int = number(1, low=1)  # engine copies behind one server (the simulator server only)
+
+    def overridden(self, overrides: dict, key: str) -> VLLMConfig:
+        """A copy with ``overrides`` (a profile section's values, their types already checked) in place
+        of these values, range-checked with errors naming ``key`` (``simulator_vllm``)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown key {key}.{unknown[0]} (known: "
+                              f"{', '.join(sorted(f.name for f in dataclasses.fields(self)))})")
+        cfg = dataclasses.replace(self)
+        hints = typing.get_type_hints(VLLMConfig)
+        for name, value in overrides.items():
+            setattr(cfg, name, _check_type(value, hints[name], f"{key}.{name}"))
+        cfg.KEY = key  # this copy's messages name its own section
+        _Section.__post_init__(cfg)
+        return cfg
 
 
 @dataclass
@@ -321,7 +342,9 @@ class SimulatorConfig(_Section):
     hop_hints: bool = False
     batch_calls: int = number(32, low=1)  # simulated searches per generate call (per HTTP request with serve: http)
     serve: str = choice("inprocess", simulator.TRANSPORTS)  # inprocess: in this process; http: the simulator server
-    url: str = "http://127.0.0.1:8001/v1"  # with serve: http, an OpenAI-compatible server (python -m zslib.serve_simulator)
+    # With serve: http, an OpenAI-compatible server (python -m zslib.serve_simulator), or a list of them:
+    # request chunks go round robin over the list
+    url: str | list = "http://127.0.0.1:8001/v1"
     served_name: str = "simulator"  # the model name the server knows the fine-tuned simulator by
     timeout_s: float = number(60.0, above=0)  # per HTTP request
     retries: int = number(3, low=0)  # further tries after a timeout, a dropped connection or a 5xx answer
@@ -332,6 +355,13 @@ class SimulatorConfig(_Section):
         super().__post_init__()
         if self.max_steps == 0:
             raise ConfigError("simulator.max_steps must be -1 (train for simulator.epochs) or at least 1, not 0")
+        if isinstance(self.url, list) and (not self.url or not all(isinstance(u, str) and u for u in self.url)):
+            raise ConfigError(f"simulator.url must be a URL or a non-empty list of URLs, not {self.url!r}")
+
+    @property
+    def urls(self) -> list[str]:
+        """``url`` as a list (one server or several)."""
+        return list(self.url) if isinstance(self.url, list) else [self.url]
 
 
 @dataclass
@@ -357,6 +387,13 @@ class RLConfig(_Section):
     ppo_epochs: int = number(1, low=1)
     mini_batch_size: int = number(32, low=1)  # trajectories per optimizer step
     micro_batch_size: int = number(0, low=0)  # trajectories per forward/backward pass (gradients accumulated); 0: the mini-batch
+    # > 0: micro-batches by padded tokens instead (rows sorted by length, as many per pass as fit this budget;
+    # a longer row goes alone); the update is the same, the padding less
+    micro_batch_tokens: int = number(0, low=0)
+    # > 0: log-probs and entropy from the output layer this many positions at a time (full-vocabulary fp32
+    # logits for one chunk only); 0: the whole micro-batch at once (fine for a small vocabulary)
+    logprob_chunk: int = number(0, low=0)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     grad_clip: float = number(1.0, above=0)
     clip_low: float = number(0.2, low=0, below=1)
     clip_high: float = number(0.2, low=0)
@@ -433,6 +470,9 @@ class Profile:
     tiny: TinyConfig = field(default_factory=TinyConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # The simulator's engine (in process with rollout.backend: vllm, and its server): keys of vllm: that
+    # differ for it, e.g. its own gpu_memory_utilization; the rest as vllm:. Resolved: simulator_vllm_config
+    simulator_vllm: dict = field(default_factory=dict)
     collect: CollectConfig = field(default_factory=CollectConfig)
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -448,6 +488,22 @@ class Profile:
         if self.rollout.backend == "vllm" and self.vllm.max_model_len < self.rollout.max_context:
             raise ConfigError(f"vllm.max_model_len ({self.vllm.max_model_len}) must be at least rollout.max_context "
                               f"({self.rollout.max_context}) with rollout.backend: vllm")
+        simulator_vllm = self.simulator_vllm_config  # checked here, when the profile loads
+        # vLLM runs data parallelism only as a server; the engines in this process are single copies
+        if self.rollout.backend == "vllm" and self.vllm.data_parallel_size > 1:
+            raise ConfigError(f"vllm.data_parallel_size ({self.vllm.data_parallel_size}) must be 1 with rollout.backend: "
+                              "vllm (the policy's engine runs in this process); set it in simulator_vllm: for the "
+                              "simulator server")
+        if (self.rollout.backend == "vllm" and self.simulator.serve == "inprocess"
+                and simulator_vllm.data_parallel_size > 1):
+            raise ConfigError(f"simulator_vllm.data_parallel_size ({simulator_vllm.data_parallel_size}) must be 1 with "
+                              "simulator.serve: inprocess and rollout.backend: vllm; serve the simulator over http "
+                              "for data parallelism")
+
+    @property
+    def simulator_vllm_config(self) -> VLLMConfig:
+        """The simulator engine's settings: ``vllm:`` with the ``simulator_vllm:`` section's keys in place."""
+        return self.vllm.overridden(self.simulator_vllm, "simulator_vllm")
 
     @property
     def is_tiny(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .generation.models import check_special_tokens, default_device, load_tokenizer, quiet_loading
@@ -39,20 +40,30 @@ def load_models(profile, needs_critic: bool, device: str | None = None) -> Polic
     # fp32 master weights (bf16 comes from autocast): a 1e-6 step vanishes in bf16 weights.
     policy = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=torch.float32).to(device)
     check_special_tokens(tokenizer, policy, profile.policy_path)
+    _checkpointing(policy, cfg.gradient_checkpointing)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                                                    task_type="CAUSAL_LM"))
         reference = None
     else:
-        dtype = getattr(torch, profile.models.dtype) if device == "cuda" else torch.float32
-        reference = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=dtype)
+        # The policy's precision (fp32 weights, the same autocast), so the KL to it is exactly 0 before the
+        # first update; a bf16 copy differs already in the norm layers' products.
+        reference = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=torch.float32)
         reference = reference.to(device).eval().requires_grad_(False)
     critic = None
     if needs_critic:
         backbone = AutoModel.from_pretrained(cfg.critic_model or profile.policy_path, dtype=torch.float32)
-        critic = Critic(backbone).to(device)
+        critic = Critic(_checkpointing(backbone, cfg.gradient_checkpointing)).to(device)
     return PolicyModels(tokenizer, policy, reference, critic, device)
+
+
+def _checkpointing(model, on: bool):
+    """``rl.gradient_checkpointing``: each layer's activations are recomputed in the backward pass
+    instead of kept (in training mode only), trading about a third more compute for memory."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64) -> dict:
@@ -78,16 +89,45 @@ def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64
     return {"input_ids": ids, "mask": mask[:, 1:], "lengths": lengths}
 
 
-def token_logprobs(model, input_ids, with_entropy: bool = False):
+def token_logprobs(model, input_ids, with_entropy: bool = False, chunk: int = 0):
     """log pi(token j+1 | tokens <= j) for every position (right-padded rows), and optionally the
-    entropy there."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
-    if not with_entropy:
-        return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1), None
-    # One log-softmax serves both (cheaper than algos.entropy_from_logits, the same value).
+    entropy there.
+
+    ``chunk`` > 0: the output layer and the log-softmax run on that many positions at a time, so the
+    full-vocabulary logits in fp32 exist for one chunk only (Qwen3's 151,936 words make them 2.5 GB
+    per 4,096-token row); with gradient, each chunk is recomputed in the backward pass instead of
+    kept. The same numbers as ``chunk`` 0 (one pass over every position), at a fraction of the memory.
+    """
+    if not chunk:
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        return _chosen_logprobs(logits, input_ids[:, 1:], with_entropy)
+    body, head = _body_and_head(model)
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    rows, width = hidden.shape[:2]
+    hidden, targets = hidden.reshape(rows * width, -1), input_ids[:, 1:].reshape(-1)
+
+    def part(h, t):
+        return _chosen_logprobs(head(h).float(), t, with_entropy)
+
+    outs = [torch.utils.checkpoint.checkpoint(part, h, t, use_reentrant=False) if torch.is_grad_enabled()
+            else part(h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))]
+    logp = torch.cat([o[0] for o in outs]).view(rows, width)
+    return logp, torch.cat([o[1] for o in outs]).view(rows, width) if with_entropy else None
+
+
+def _chosen_logprobs(logits, targets, with_entropy: bool):
+    """The log-prob of each target under ``logits`` (fp32), and the entropy if asked."""
     all_logp = torch.log_softmax(logits, -1)
-    entropy = -(all_logp.exp() * all_logp).sum(-1)
-    return all_logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1), entropy
+    chosen = all_logp.gather(-1, targets[..., None]).squeeze(-1)
+    # One log-softmax serves both (cheaper than algos.entropy_from_logits, the same value).
+    return chosen, -(all_logp.exp() * all_logp).sum(-1) if with_entropy else None
+
+
+def _body_and_head(model):
+    """A causal LM's transformer body and its output layer, through a peft wrapper (whose LoRA layers
+    sit inside the body, so ``disable_adapter`` still applies)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder(), inner.get_output_embeddings()
 
 
 class Critic(nn.Module):

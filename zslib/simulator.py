@@ -47,11 +47,13 @@ def contains_answer(docs: list[Doc], answers: list[str]) -> bool:
 
 class InProcessTransport:
     """The simulator generating in this process, on the profile's generation backend, ``batch_calls``
-    prompts per generate call."""
+    prompts per generate call. ``model``: a transformers model, or for a backend that loads checkpoints
+    itself (``backends.FROM_FOLDER``) the checkpoint's folder, served in ``dtype``."""
 
-    def __init__(self, model, tokenizer, backend: str = "hf", vllm_cfg=None, batch_calls: int = 32):
+    def __init__(self, model, tokenizer, backend: str = "hf", vllm_cfg=None, batch_calls: int = 32,
+                 dtype: str | None = None):
         self.model, self.tokenizer, self.backend_kind, self.vllm_cfg = model, tokenizer, backend, vllm_cfg
-        self.batch_calls = batch_calls
+        self.batch_calls, self.dtype = batch_calls, dtype
         self._backends: dict = {}
 
     @property
@@ -63,8 +65,9 @@ class InProcessTransport:
         if k not in self._backends:
             # Stop as soon as document k+1 begins: the simulator pays only for what the policy reads.
             from .generation.backends import make_backend
+            options = {"dtype": self.dtype} if isinstance(self.model, (str, Path)) else {}
             self._backends[k] = make_backend(self.backend_kind, self.model, self.tokenizer, [f"Doc {k + 1}("],
-                                             self.vllm_cfg, reuse_cache=False)
+                                             self.vllm_cfg, reuse_cache=False, **options)
         texts = []
         for i in range(0, len(prompts), self.batch_calls):
             out = self._backends[k].generate(prompts[i:i + self.batch_calls], max_new_tokens, temperature, top_p)
@@ -77,24 +80,30 @@ class SimulatorServerError(RuntimeError):
 
 
 class HTTPTransport:
-    """The simulator behind an OpenAI-compatible completions endpoint (vLLM's server, started by
-    ``python -m zslib.serve_simulator``). Prompts go as token ids, so the server sees exactly what
-    the in-process simulator would; ``threads`` requests of ``batch_calls`` prompts are in flight at
-    once. A timeout, a dropped connection or a 5xx answer is tried again ``retries`` times with
-    doubling pauses; then, or at once for a 4xx answer, the error names the URL."""
+    """The simulator behind OpenAI-compatible completions endpoints (vLLM's server, started by
+    ``python -m zslib.serve_simulator``): one URL or several, taking the request chunks in turn.
+    Prompts go as token ids, so the server sees exactly what the in-process simulator would;
+    ``threads`` requests of ``batch_calls`` prompts are in flight at once. A timeout, a dropped
+    connection or a 5xx answer is tried again ``retries`` times (on the same server) with doubling
+    pauses; then, or at once for a 4xx answer, the error names that server's URL. A server that is
+    down is an error, not a reason to send its share elsewhere: a missing server should be noticed."""
 
-    def __init__(self, url: str, model_name: str, timeout_s: float = 60.0, retries: int = 3, threads: int = 4,
-                 batch_calls: int = 32, backoff_s: float = 0.5):
-        self.url, self.model_name = url.rstrip("/"), model_name
+    def __init__(self, url: str | list[str], model_name: str, timeout_s: float = 60.0, retries: int = 3,
+                 threads: int = 4, batch_calls: int = 32, backoff_s: float = 0.5):
+        self.urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+        if not self.urls:
+            raise ValueError("HTTPTransport needs at least one URL")
+        self.url, self.model_name = self.urls[0], model_name
         self.timeout_s, self.retries, self.threads, self.batch_calls = timeout_s, retries, threads, batch_calls
         self.backoff_s = backoff_s
         self.generated_tokens = 0
+        self._turn = 0  # the server the next chunk goes to: the round robin goes on across calls
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict, url: str | None = None) -> dict:
         import time
 
         import requests
-        endpoint = f"{self.url}/completions"
+        endpoint = f"{url or self.url}/completions"
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -122,20 +131,22 @@ class HTTPTransport:
                  top_p: float) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
         chunks = [prompts[i:i + self.batch_calls] for i in range(0, len(prompts), self.batch_calls)]
+        servers = [self.urls[(self._turn + i) % len(self.urls)] for i in range(len(chunks))]
+        self._turn = (self._turn + len(chunks)) % len(self.urls)
 
-        def ask(chunk: list[list[int]]) -> list[str]:
+        def ask(chunk: list[list[int]], url: str) -> list[str]:
             reply = self._post({"model": self.model_name, "prompt": chunk, "max_tokens": max_new_tokens,
                                 "temperature": temperature, "top_p": top_p, "stop": [f"Doc {k + 1}("],
-                                "include_stop_str_in_output": True})
+                                "include_stop_str_in_output": True}, url)
             choices = sorted(reply.get("choices", []), key=lambda c: c["index"])
             if len(choices) != len(chunk):
-                raise SimulatorServerError(f"simulator server {self.url}/completions answered {len(choices)} "
+                raise SimulatorServerError(f"simulator server {url}/completions answered {len(choices)} "
                                            f"completions for {len(chunk)} prompts")
             self.generated_tokens += reply.get("usage", {}).get("completion_tokens", 0)
             return [c["text"] for c in choices]
 
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            return [text for texts in pool.map(ask, chunks) for text in texts]
+            return [text for texts in pool.map(ask, chunks, servers) for text in texts]
 
 
 class SimulatedEngine:
@@ -189,13 +200,25 @@ def _http_transport(profile, finetuned: bool, loaded, device):
     cfg = profile.simulator
     tokenizer = loaded[1] if loaded else load_tokenizer(str(profile.simulator_dir if finetuned else profile.simulator_path))
     name = cfg.served_name if finetuned else f"{cfg.served_name}-base"
-    return HTTPTransport(cfg.url, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls), tokenizer
+    return HTTPTransport(cfg.urls, name, cfg.timeout_s, cfg.retries, cfg.threads, cfg.batch_calls), tokenizer
 
 
 def _inprocess_transport(profile, finetuned: bool, loaded, device):
-    """(transport, tokenizer) for the simulator generating in this process."""
-    model, tokenizer = loaded or load_simulator(profile, finetuned=finetuned, device=device)
-    transport = InProcessTransport(model, tokenizer, profile.rollout.backend, profile.vllm, profile.simulator.batch_calls)
+    """(transport, tokenizer) for the simulator generating in this process, on ``rollout.backend`` with
+    the simulator's engine settings (``simulator_vllm``). A backend that loads checkpoints itself
+    (vLLM) gets the checkpoint's folder, so no transformers copy of the simulator stays in memory."""
+    from .generation.backends import FROM_FOLDER
+    kind, dtype = profile.rollout.backend, None
+    if loaded:
+        model, tokenizer = loaded
+    elif kind in FROM_FOLDER:
+        dtype = simulator_dtype(profile, device)
+        model = simulator_checkpoint(profile, finetuned, dtype)
+        tokenizer = load_tokenizer(str(profile.simulator_dir if finetuned else profile.simulator_path))
+    else:
+        model, tokenizer = load_simulator(profile, finetuned=finetuned, device=device)
+    transport = InProcessTransport(model, tokenizer, kind, profile.simulator_vllm_config, profile.simulator.batch_calls,
+                                   dtype)
     return transport, tokenizer
 
 
@@ -287,13 +310,64 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
             "padded_tokens": trainer.state.num_input_tokens_seen}
 
 
+def simulator_dtype(profile, device: str | None = None) -> str:
+    """The simulator's inference dtype: ``models.dtype`` on a GPU, fp32 on a CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return profile.models.dtype if device == "cuda" else "float32"
+
+
+def simulator_checkpoint(profile, finetuned: bool = True, dtype: str = "float32", path: str | Path | None = None) -> str:
+    """The checkpoint an engine that loads its own weights serves as the simulator: the base
+    (``models.simulator``), the fine-tuned full model's folder (``path``, default
+    ``outputs/<profile>/simulator/``), or, for a LoRA adapter, the base with the adapter merged in,
+    written once beside the adapter (``merged-<digest>/``, remade when the adapter, base or dtype change)."""
+    source = Path(path or profile.simulator_dir)
+    if not finetuned:
+        return profile.simulator_path
+    if (source / "adapter_config.json").exists():
+        return str(_merged_adapter(profile, source, dtype))
+    if (source / "config.json").exists():
+        return str(source)
+    raise FileNotFoundError(f"no fine-tuned simulator in {source}: run notebook 03 first")
+
+
+def _merged_adapter(profile, source: Path, dtype: str) -> Path:
+    import gc
+    import hashlib
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = hashlib.sha256(json.dumps([profile.simulator_path, dtype]).encode())
+    for f in sorted(source.glob("adapter_*")):
+        digest.update(f.name.encode() + f.read_bytes())
+    folder = source / f"merged-{digest.hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+    quiet_loading()
+    # Merged in fp32 on the CPU (exact, and no GPU memory), stored in the dtype it is served in.
+    base = AutoModelForCausalLM.from_pretrained(profile.simulator_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(source)).merge_and_unload().to(getattr(torch, dtype))
+    partial = source / f".{folder.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(partial))
+    del model, base
+    gc.collect()
+    for old in source.glob("merged-*"):  # an earlier adapter's
+        shutil.rmtree(old, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
 def load_simulator(profile, finetuned: bool = True, device: str | None = None, path: str | Path | None = None):
     """``(model, tokenizer)``: the fine-tuned simulator (adapter merged for speed) from ``path``
     (default ``outputs/<profile>/simulator/``), or its base."""
     from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, profile.models.dtype) if device == "cuda" else torch.float32
+    dtype = getattr(torch, simulator_dtype(profile, device))
     source = Path(path or profile.simulator_dir)
     if not finetuned:
         source = profile.simulator_path  # a local folder or a hub id

@@ -44,6 +44,11 @@ from .simulator import engine_for, simulator_search_fn
 
 # ---------------------------------------------------------------- what the phases pass on
 
+def _padded(length: int, multiple: int = 64) -> int:
+    """A row's width once padded: rounded up to ``multiple`` (``batch_tensors``), so kernels see few shapes."""
+    return -(-length // multiple) * multiple
+
+
 @dataclass
 class Rollouts:
     """Phase 1-2: one step's trajectories, ``group_size`` per question, rows of a group adjacent."""
@@ -79,7 +84,7 @@ class Batch:
         ``batch_tensors``): a micro-batch of short rows does not pay for the batch's longest."""
         if self.lengths is None:
             return self
-        width = min(-(-int(self.lengths.max()) // multiple) * multiple, self.input_ids.shape[1])
+        width = min(_padded(int(self.lengths.max()), multiple), self.input_ids.shape[1])
         return Batch(**{k: v if v is None or v.dim() == 1 else v[:, :width - (k != "input_ids")]
                         for k, v in vars(self).items()})
 
@@ -299,29 +304,48 @@ class RLTrainer:
         cfg, ids = self.cfg, batch.input_ids
         on_policy = cfg.ppo_epochs == 1 and len(ids) <= cfg.mini_batch_size
         with torch.no_grad(), self._autocast():
-            batch.old_logp = None if on_policy else self._in_parts(lambda x: token_logprobs(self.policy, x)[0], batch)
+            batch.old_logp = None if on_policy else self._in_parts(lambda x: self._logprobs(self.policy, x)[0], batch)
             batch.ref_logp = self._in_parts(self._reference_logprobs, batch)
             batch.values = self._in_parts(self.critic, batch) if self.critic is not None else None
         return batch
 
-    def _micro_batches(self, batch: Batch) -> list[Batch]:
-        """``batch`` in parts of ``rl.micro_batch_size`` rows (0: of ``rl.mini_batch_size``), each
-        padded only to its own longest row: one forward (and backward) pass each."""
-        size = self.cfg.micro_batch_size or self.cfg.mini_batch_size
-        return [batch.rows(i).trimmed() for i in torch.arange(len(batch.input_ids)).split(size)]
+    def _micro_batches(self, batch: Batch) -> list[tuple[torch.Tensor, Batch]]:
+        """``batch`` in parts, each padded only to its own longest row, with the rows each part holds:
+        ``rl.micro_batch_size`` rows in order (0: ``rl.mini_batch_size``), or with ``rl.micro_batch_tokens``
+        the rows longest first, as many per part as fit that many padded tokens. One forward (and
+        backward) pass each."""
+        cfg, rows = self.cfg, len(batch.input_ids)
+        if not cfg.micro_batch_tokens:
+            return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(cfg.micro_batch_size or cfg.mini_batch_size)]
+        parts, part = [], []
+        for i in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
+            width = _padded(int(batch.lengths[part[0] if part else i]))  # the part's longest row comes first
+            if part and (len(part) + 1) * width > cfg.micro_batch_tokens:
+                parts.append(part)
+                part = []
+            part.append(i)
+        parts.append(part)
+        return [(torch.tensor(p), batch.rows(torch.tensor(p)).trimmed()) for p in parts]
 
     def _in_parts(self, fn, batch: Batch) -> torch.Tensor:
         """``fn(input_ids) -> [rows, tokens - 1]`` over ``batch`` one micro-batch at a time, each
-        result padded back to the batch's width (with zeros, under mask 0) and joined along the rows."""
-        width = batch.input_ids.shape[1] - 1
-        parts = [fn(part.input_ids) for part in self._micro_batches(batch)]
-        return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in parts])
+        result padded back to the batch's width (with zeros, under mask 0) and put back in its rows."""
+        out = None
+        for index, part in self._micro_batches(batch):
+            x = fn(part.input_ids)
+            if out is None:
+                out = x.new_zeros(len(batch.input_ids), batch.input_ids.shape[1] - 1)
+            out[index.to(x.device), :x.shape[1]] = x
+        return out
+
+    def _logprobs(self, model, ids, with_entropy: bool = False):
+        return token_logprobs(model, ids, with_entropy, chunk=self.cfg.logprob_chunk)
 
     def _reference_logprobs(self, ids):
         if self.reference is not None:
-            return token_logprobs(self.reference, ids)[0]
+            return self._logprobs(self.reference, ids)[0]
         with self.policy.disable_adapter():  # LoRA: the base without the adapter is the reference
-            return token_logprobs(self.policy, ids)[0]
+            return self._logprobs(self.policy, ids)[0]
 
     def advantages(self, batch: Batch) -> Batch:
         """Phase 5: the algorithm's advantages per token (``algos.ALGORITHMS``), and for PPO the
@@ -335,7 +359,7 @@ class RLTrainer:
         policy, with gradient, and its statistics: every term sees only mask-1 tokens. ``counts``:
         the mini-batch's denominators when ``batch`` is one micro-batch of it."""
         with self._autocast():
-            logp, entropy = token_logprobs(self.policy, batch.input_ids, with_entropy=True)
+            logp, entropy = self._logprobs(self.policy, batch.input_ids, with_entropy=True)
         old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
         return rl_loss(self.cfg, logp, entropy, old_logp, batch.ref_logp, batch.advantages, batch.mask, counts)
 
@@ -344,6 +368,8 @@ class RLTrainer:
         each (and the critic's, for PPO); then the learning-rate schedules step. Returns the mean of
         each statistic over the mini-batches."""
         self.policy.train()
+        if self.critic is not None:
+            self.critic.train()  # gradient checkpointing acts in training mode only
         sums: dict[str, list[float]] = {}
         for _ in range(self.cfg.ppo_epochs):
             order = torch.randperm(len(batch.input_ids), generator=self.shuffle_rng)
@@ -363,7 +389,7 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
-        for part in self._micro_batches(mini):
+        for _, part in self._micro_batches(mini):
             loss, stats = self.loss(part, counts)
             loss.backward()
             if self.critic is not None:
@@ -386,7 +412,7 @@ class RLTrainer:
         ``[B]``, without gradient: an update should raise it where the advantage is positive and lower
         it where it is negative."""
         with torch.no_grad(), self._autocast():
-            logp = self._in_parts(lambda x: token_logprobs(self.policy, x)[0], batch)
+            logp = self._in_parts(lambda x: self._logprobs(self.policy, x)[0], batch)
         mask = batch.mask.to(logp.dtype)
         return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 

@@ -7,7 +7,9 @@ or EOS. Collection, RL, evaluation, the LLM judge and the in-process simulator a
 - ``hf``: ``hf_backend.HFBackend``, transformers with our own batched decoding loop (the default;
   runs everywhere);
 - ``vllm``: ``vllm_backend.VLLMBackend``, a vLLM engine in this process's care (its CPU build on a
-  laptop and in CI, the CUDA build on a GPU), its settings from the profile's ``vllm:`` section.
+  laptop and in CI, the CUDA build on a GPU), its settings from the profile's ``vllm:`` section (the
+  simulator's from ``Profile.simulator_vllm_config``). It can also start from a checkpoint folder
+  (``FROM_FOLDER``), so no transformers copy of a model it only serves is kept.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ class GenerationBackend(Protocol):
     def load_weights(self) -> None:
         """The model's weights changed (a policy update): generate with the new ones from now on."""
 
+    def sleep(self) -> None:
+        """No generation until ``wake_up``: free what the engine holds (RL calls it after the rollouts,
+        so the update has the memory). Weights kept by the engine may be lost: ``load_weights`` follows."""
+
+    def wake_up(self) -> None:
+        """Ready for ``load_weights`` (RL calls it just before the weight sync); ``generate`` wakes a
+        sleeping backend itself."""
+
 
 def _hf(model, tokenizer, stop_strings, vllm_cfg, **options):
     from .hf_backend import HFBackend
@@ -62,14 +72,19 @@ def _vllm(model, tokenizer, stop_strings, vllm_cfg, **options):
 
 # ``rollout.backend``: (model, tokenizer, stop strings, vllm settings, options) -> a GenerationBackend.
 BACKENDS = Registry("rollout.backend", {"hf": _hf, "vllm": _vllm})
+# Backends that also take a checkpoint folder (or hub id) as ``model`` and load it themselves, with a
+# ``dtype`` option: a caller that only generates need not build a transformers model for them.
+FROM_FOLDER = {"vllm"}
 
 
 def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = None, vllm_cfg=None, **options):
-    """A generation backend of ``kind`` (``BACKENDS``) for ``model`` (an in-memory transformers model).
+    """A generation backend of ``kind`` (``BACKENDS``) for ``model`` (an in-memory transformers model, or
+    for a kind in ``FROM_FOLDER`` a checkpoint folder).
 
     ``vllm_cfg``: the profile's ``vllm`` section (needed for ``vllm``). ``options`` go to the
     backend: for ``hf``, ``reuse_cache`` (and the benchmark switches of ``HFBackend``); for
-    ``vllm``, ``logprobs`` (return each generated token's log-prob, default True)."""
+    ``vllm``, ``logprobs`` (return each generated token's log-prob, default True) and ``dtype`` (a
+    folder's, when ``vllm.dtype`` is ``auto``)."""
     if kind not in BACKENDS:
         raise BackendError(f"rollout.backend must be one of {', '.join(BACKENDS)}, not {kind!r}")
     return BACKENDS[kind](model, tokenizer, stop_strings or STOP_STRINGS, vllm_cfg, **options)

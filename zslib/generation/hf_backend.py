@@ -68,6 +68,13 @@ class HFBackend:
         with the old weights has to go."""
         self.release()
 
+    def sleep(self) -> None:
+        """Before the update: the kept cache is the only memory this backend holds of its own."""
+        self.release()
+
+    def wake_up(self) -> None:
+        """Nothing to do: the model is the trainer's own."""
+
     # Decoding. transformers' ``generate`` runs every row until the longest has stopped: in a tiny
     # rollout, half the rows' steps were spent on rows that had already stopped.
 
