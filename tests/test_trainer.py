@@ -204,6 +204,21 @@ def test_the_reference_matches_the_policy_exactly_before_the_first_update(policy
     assert torch.equal(batch.old_logp, batch.ref_logp)
 
 
+def test_a_step_rolls_out_in_chunks_of_the_rollout_batch_size_with_the_same_result(policy_dir, protocol_model, bm25,
+                                                                                   tmp_path):
+    """6 rollouts in chunks of 4 and 2 (their KV cache bounded by rollout.batch_size) equal one batch of 6."""
+    seen, out = [], {}
+    for size in (64, 4):
+        profile = _profile(policy_dir, engine="bm25", questions_per_step=3, group_size=2, validate_every=0)
+        profile.rollout.batch_size, profile.rollout.temperature = size, 0.0
+        t = trainer.RLTrainer(profile, tmp_path / str(size), real_engine=bm25, questions=protocol_model[1])
+        generate = t.backend.generate
+        t.backend.generate = lambda prompts, *a, **k: seen.append(len(prompts)) or generate(prompts, *a, **k)
+        out[size] = [tr.token_ids for tr in t.rollout_group().trajs]
+    assert max(seen) == 6 and 4 in seen and 2 in seen and all(n <= 4 for n in seen[seen.index(4):])
+    assert out[4] == out[64]
+
+
 def test_micro_batches_by_tokens_hold_every_row_once_within_the_budget():
     lengths = torch.tensor([700, 60, 130, 65, 300, 64, 250])
     batch = trainer.Batch(torch.zeros(7, 704, dtype=torch.long), torch.ones(7, 703), torch.zeros(7), torch.zeros(7),

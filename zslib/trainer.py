@@ -263,8 +263,9 @@ class RLTrainer:
 
     def rollout_group(self, step: int | None = None) -> Rollouts:
         """Phases 1-2: draw ``questions_per_step`` training questions and roll each out ``group_size``
-        times against the engine; against the simulator, each search call is noisy with the
-        curriculum's probability at ``step`` (default: the next step), one draw per call."""
+        times against the engine, ``rollout.batch_size`` rows at a time; against the simulator, each
+        search call is noisy with the curriculum's probability at ``step`` (default: the next step),
+        one draw per call."""
         cfg, step = self.cfg, step or self.step_count + 1
         picked = self.question_rng.sample(self.questions, min(cfg.questions_per_step, len(self.questions)))
         rows = [q for q in picked for _ in range(cfg.group_size)]
@@ -283,8 +284,10 @@ class RLTrainer:
         tokens_before = getattr(self.engine, "generated_tokens", 0)
         self.policy.eval()
         t0 = time.time()
-        trajs = rollout(self.backend, self.tokenizer, rows, search_fn, self.profile.rollout,  # rollout.temperature
-                        enable_thinking=self.profile.thinking.policy)
+        size, trajs = self.profile.rollout.batch_size, []
+        for i in range(0, len(rows), size):  # at most rollout.batch_size rows decode at once (their KV cache)
+            trajs += rollout(self.backend, self.tokenizer, rows[i:i + size], search_fn, self.profile.rollout,
+                             enable_thinking=self.profile.thinking.policy)  # at rollout.temperature
         seconds["rollout"] = time.time() - t0 - seconds["simulator"]
         return Rollouts(step, picked, trajs, torch.arange(len(picked)).repeat_interleave(cfg.group_size), p_noise,
                         getattr(self.engine, "generated_tokens", 0) - tokens_before, seconds)
