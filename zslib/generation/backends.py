@@ -67,6 +67,7 @@ def _vllm(model, tokenizer, stop_strings, vllm_cfg, **options):
     if vllm_cfg is None:
         raise BackendError("a vllm backend needs the profile's vllm settings (P.vllm, or config.VLLMConfig())")
     options.pop("reuse_cache", None)  # vLLM's prefix cache decides what to reuse
+    options.pop("dtype", None)  # the engine's own (vllm.dtype)
     return VLLMBackend(model, tokenizer, stop_strings, vllm_cfg, **options)
 
 
@@ -91,5 +92,7 @@ def make_backend(kind: str, model, tokenizer, stop_strings: list[str] | None = N
 
 
 def backend_for(profile, model, tokenizer, stop_strings: list[str] | None = None, **options):
-    """The profile's backend (``rollout.backend``, settings from ``vllm:``) for ``model``."""
+    """The profile's backend (``rollout.backend``, settings from ``vllm:``) for ``model``, decoding in
+    ``models.dtype``."""
+    options.setdefault("dtype", profile.models.dtype)
     return make_backend(profile.rollout.backend, model, tokenizer, stop_strings, profile.vllm, **options)

@@ -7,6 +7,7 @@ and a long common prefix (the prompt template) is encoded once. ``zslib/generati
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -27,19 +28,25 @@ class HFBackend:
     stop string or EOS and then leaves the batch, and the KV cache is kept across turns."""
 
     def __init__(self, model, tokenizer, stop_strings: list[str] = STOP_STRINGS, stop_in_generate: bool = True,
-                 reuse_cache: bool = True, share_prefix: bool = True, prefill_groups: int = PREFILL_GROUPS):
+                 reuse_cache: bool = True, share_prefix: bool = True, prefill_groups: int = PREFILL_GROUPS,
+                 dtype: str | None = None):
         """``reuse_cache=False`` encodes every prompt from scratch on every call (one-turn callers,
-        as the simulator and the judge, have nothing to reuse).
+        as the simulator and the judge, have nothing to reuse). ``dtype`` (``models.dtype``): decode
+        with a copy of the model in that dtype when its weights are in another (the trainer's fp32
+        master weights): half the KV cache and faster kernels in bf16; ``load_weights`` refreshes it.
 
         Benchmark switches, for ``benchmarks/rollout.py`` to measure each choice against the plain
         version; nothing else sets them: ``stop_in_generate=False`` generates to EOS or the token
         limit and cuts at the stop string afterwards, as the original code does;
         ``share_prefix=False`` encodes the prompts' common prefix once per row; ``prefill_groups=1``
         encodes all rows' new tokens in one call, padded to the longest."""
-        self.model, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
+        self.source, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
+        self.model = model
+        if dtype is not None and next(model.parameters()).dtype != getattr(torch, dtype):
+            self.model = copy.deepcopy(model).to(getattr(torch, dtype)).eval().requires_grad_(False)
         self.stop_in_generate, self.reuse_cache, self.share_prefix = stop_in_generate, reuse_cache, share_prefix
         self.prefill_groups = prefill_groups
-        use_grouped_sdpa_on_cpu(model)  # padded batches: no copy of the KV cache per layer and step
+        use_grouped_sdpa_on_cpu(self.model)  # padded batches: no copy of the KV cache per layer and step
         self.generated_tokens = 0  # tokens the model produced, including any cut off afterwards
         self.last_logprobs: list[list[float]] = []  # not recorded: the trainer computes its own
         self.prefilled_tokens = 0  # prompt tokens encoded (those taken from the cache are not)
@@ -64,9 +71,11 @@ class HFBackend:
         self._kept = None
 
     def load_weights(self) -> None:
-        """After a policy update: this backend decodes with the live model, so only the cache built
-        with the old weights has to go."""
+        """After a policy update: the cache built with the old weights goes; a decoding copy takes the
+        live model's new weights (cast to its dtype)."""
         self.release()
+        if self.model is not self.source:
+            self.model.load_state_dict(self.source.state_dict())
 
     def sleep(self) -> None:
         """Before the update: the kept cache is the only memory this backend holds of its own."""
