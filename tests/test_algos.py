@@ -157,3 +157,15 @@ def test_entropy_matches_torch_distributions():
     expected = torch.distributions.Categorical(logits=logits).entropy()
     assert torch.allclose(algos.entropy_from_logits(logits), expected)
     assert algos.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_truncated_importance_weights_by_hand():
+    """w = min(pi_old / pi_rollout, cap); a token the engine did not sample (NaN) keeps weight 1."""
+    old = torch.log(torch.tensor([[0.3, 0.1, 0.4]]))
+    rollout = torch.log(torch.tensor([[0.1, 0.2, float("nan")]]))
+    w = algos.truncated_is_weights(old, rollout, cap=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 1.0])  # 0.3/0.1 = 3 capped at 2; 0.1/0.2; unknown
+    adv, mask = torch.ones(1, 3), torch.ones(1, 3)
+    plain, _ = algos.policy_loss(old, old, adv, mask)  # ratio 1: L = -A = -1 per token
+    weighted, _ = algos.policy_loss(old, old, adv, mask, weights=w)
+    assert plain.item() == pytest.approx(-1.0) and weighted.item() == pytest.approx(-(2.0 + 0.5 + 1.0) / 3)

@@ -219,6 +219,32 @@ def test_a_step_rolls_out_in_chunks_of_the_rollout_batch_size_with_the_same_resu
     assert out[4] == out[64]
 
 
+def test_the_engines_logprobs_sit_on_the_tokens_it_sampled_and_weight_the_loss(tokenizer):
+    """vLLM's log-probs of the sampled tokens land where ``token_logprobs`` puts those tokens; with
+    ``rl.tis_cap`` a uniform ratio pi_old / pi_rollout of 4 weights the policy loss by the cap, 2."""
+    t = Trajectory("q", ["a"], token_ids=[5, 6, 7, 8, 9, 10, 11, 12], loss_mask=[0, 0, 0, 1, 1, 0, 0, 1], prompt_len=3,
+                   sampled_logprobs=[-0.5, -1.5, -2.5])
+    rollout_logp = rl_models.batch_tensors([t], 0)["rollout_logp"]
+    nan = float("nan")
+    expected = torch.tensor([[nan, nan, -0.5, -1.5, nan, nan, -2.5] + [nan] * 56])  # shifted by one, width 64 - 1
+    assert torch.equal(torch.isnan(rollout_logp), torch.isnan(expected))
+    assert rollout_logp[~torch.isnan(rollout_logp)].tolist() == [-0.5, -1.5, -2.5]
+    assert rl_models.batch_tensors([dataclasses.replace(t, sampled_logprobs=[])], 0)["rollout_logp"] is None
+
+    logp = torch.log(torch.tensor([[0.2, 0.4, 0.1, 0.3]]))
+    rollout = logp - torch.log(torch.tensor(4.0))
+    adv, mask = torch.tensor([[1.0, -1.0, 0.5, 2.0]]), torch.ones(1, 4)
+    cfg = RLConfig(kl_coef=0.0, entropy_coef=0.0)
+    plain, stats = trainer.rl_loss(cfg, logp, torch.zeros(1, 4), logp, logp, adv, mask, rollout_logp=rollout)
+    assert stats["rollout_mismatch_kl"] == pytest.approx(-torch.log(torch.tensor(4.0)).item())
+    assert "tis_weight" not in stats
+    weighted, stats = trainer.rl_loss(RLConfig(kl_coef=0.0, entropy_coef=0.0, tis_cap=2.0), logp, torch.zeros(1, 4),
+                                      logp, logp, adv, mask, rollout_logp=rollout)
+    assert weighted.item() == pytest.approx(2 * plain.item()) and stats["tis_weight"] == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="rl.tis_cap .* needs rollout.backend: vllm"):
+        load_profile("tiny", {"rl.tis_cap": 2.0})
+
+
 def test_micro_batches_by_tokens_hold_every_row_once_within_the_budget():
     lengths = torch.tensor([700, 60, 130, 65, 300, 64, 250])
     batch = trainer.Batch(torch.zeros(7, 704, dtype=torch.long), torch.ones(7, 703), torch.zeros(7), torch.zeros(7),

@@ -153,12 +153,14 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torc
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0,
-                agg: str = "token-mean", counts: Counts | None = None) -> tuple[torch.Tensor, dict]:
+                agg: str = "token-mean", counts: Counts | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate with the dual clip for negative advantages.
 
     L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); for A < 0, L = min(L, -A c).
     Returns (loss, {"clip_frac", "approx_kl"}) with the statistics over mask-1 tokens; ``counts``:
-    the mini-batch's, when these rows are one micro-batch of it.
+    the mini-batch's, when these rows are one micro-batch of it; ``weights``: per-token factors on L
+    (``truncated_is_weights``), without gradient.
     """
     counts = counts or Counts.of(mask, agg)
     log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
@@ -167,6 +169,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_c), loss)
+    if weights is not None:
+        loss = loss * weights
     stats = {"clip_frac": agg_loss((clipped > unclipped).float(), mask, count=counts.tokens).item(),
              "approx_kl": agg_loss(-log_ratio, mask, count=counts.tokens).item()}
     return agg_loss(loss, mask, agg, counts.loss), stats
@@ -178,6 +182,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return agg_loss(loss, mask, agg, None if counts is None else counts.loss)
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for the rollout/trainer mismatch: the inference engine sampled
+    from pi_rollout, whose numbers differ from the trainer's pi_old (other kernels, precision), so each
+    token's loss is weighted by w = min(pi_old / pi_rollout, cap). NaN rollout log-probs (tokens the
+    engine did not sample) get weight 1."""
+    w = torch.clamp(torch.exp(torch.clamp(old_logprobs - rollout_logprobs, -20.0, 20.0)), max=cap)
+    return torch.where(torch.isnan(rollout_logprobs), torch.ones_like(w), w).detach()
 
 
 def _low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

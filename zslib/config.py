@@ -394,6 +394,9 @@ class RLConfig(_Section):
     # logits for one chunk only); 0: the whole micro-batch at once (fine for a small vocabulary)
     logprob_chunk: int = number(0, low=0)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    # > 0: truncated importance sampling, each token's policy loss weighted by min(pi_old / pi_rollout, tis_cap)
+    # with the log-probs vLLM reports for its samples (the rollout/trainer mismatch; verl and TRL offer it)
+    tis_cap: float = number(0.0, low=0)
     grad_clip: float = number(1.0, above=0)
     clip_low: float = number(0.2, low=0, below=1)
     clip_high: float = number(0.2, low=0)
@@ -485,6 +488,9 @@ class Profile:
         if self.warmup.steps and not self.tiny_world:
             raise ConfigError("warmup.steps > 0 needs the tiny world (data.train_sets: [tiny]): the warm-up "
                               "demonstrates the protocol on its questions")
+        if self.rl.tis_cap and self.rollout.backend != "vllm":
+            raise ConfigError(f"rl.tis_cap ({self.rl.tis_cap:g}) needs rollout.backend: vllm, whose engine reports "
+                              f"the log-probs of its samples (the {self.rollout.backend} backend does not)")
         if self.rollout.backend == "vllm" and self.vllm.max_model_len < self.rollout.max_context:
             raise ConfigError(f"vllm.max_model_len ({self.vllm.max_model_len}) must be at least rollout.max_context "
                               f"({self.rollout.max_context}) with rollout.backend: vllm")

@@ -67,8 +67,8 @@ def _checkpointing(model, on: bool):
 
 
 def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64) -> dict:
-    """Right-padded ``input_ids`` ``[B, T]``, the shifted ``mask`` ``[B, T-1]`` and each row's
-    real ``lengths`` ``[B]``.
+    """Right-padded ``input_ids`` ``[B, T]``, the shifted ``mask`` ``[B, T-1]``, each row's real
+    ``lengths`` ``[B]`` and the engine's ``rollout_logp`` ``[B, T-1]`` (or None).
 
     Padding goes on the right, after every real token, so the causal mask alone keeps it out of
     every real token's attention: no attention mask is needed (with one, CPU attention takes a
@@ -86,7 +86,19 @@ def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64
         if not loss_mask:
             mask[r, :t.prompt_len] = 0
     lengths = torch.tensor([len(t.token_ids) for t in trajs])
-    return {"input_ids": ids, "mask": mask[:, 1:], "lengths": lengths}
+    return {"input_ids": ids, "mask": mask[:, 1:], "lengths": lengths, "rollout_logp": _rollout_logprobs(trajs, width)}
+
+
+def _rollout_logprobs(trajs, width: int) -> torch.Tensor | None:
+    """``[B, width - 1]``: the log-prob the inference engine gave each token the policy generated, where
+    ``token_logprobs`` puts that token's (NaN on every other position); None unless every rollout has them
+    (vLLM records them, HF does not)."""
+    if not all(t.sampled_logprobs and len(t.sampled_logprobs) == sum(t.loss_mask) for t in trajs):
+        return None
+    out = torch.full((len(trajs), width), float("nan"))
+    for r, t in enumerate(trajs):
+        out[r, :len(t.loss_mask)][torch.tensor(t.loss_mask, dtype=torch.bool)] = torch.tensor(t.sampled_logprobs)
+    return out[:, 1:]
 
 
 def token_logprobs(model, input_ids, with_entropy: bool = False, chunk: int = 0):

@@ -74,6 +74,7 @@ class Batch:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None    # the critic's targets (PPO)
     lengths: torch.Tensor | None = None    # [B] real tokens per row (the rest is right padding)
+    rollout_logp: torch.Tensor | None = None  # the inference engine's log-probs of the sampled tokens (vLLM), NaN elsewhere
 
     def rows(self, index) -> "Batch":
         """The batch restricted to ``index`` (a mini-batch)."""
@@ -100,17 +101,28 @@ def trajectory_score(traj: Trajectory, reward: str, tokenizer) -> float:
 
 
 def rl_loss(cfg, logp, entropy, old_logp, ref_logp, adv, mask,
-            counts: algos.Counts | None = None) -> tuple[torch.Tensor, dict]:
+            counts: algos.Counts | None = None, rollout_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """pg - c_H * H + beta * KL, each aggregated over mask-1 tokens only (KL with a plus sign,
     docs/method.md §9). Returns (loss, statistics). ``counts``: the mini-batch's denominators when
-    these rows are one micro-batch of it (then losses and statistics add up over micro-batches)."""
+    these rows are one micro-batch of it (then losses and statistics add up over micro-batches).
+    ``rollout_logp``: the inference engine's log-probs of the sampled tokens; with ``rl.tis_cap`` the
+    policy-gradient term is weighted by truncated importance sampling (``algos.truncated_is_weights``)."""
     counts = counts or algos.Counts.of(mask, cfg.agg)
+    weights, extra = None, {}
+    if rollout_logp is not None:
+        sampled = mask * ~torch.isnan(rollout_logp)
+        # E over the engine's samples of log pi_rollout - log pi_old: how far the two have drifted apart
+        extra["rollout_mismatch_kl"] = algos.agg_loss(torch.nan_to_num(rollout_logp - old_logp), sampled,
+                                                      count=counts.tokens).item()
+        if cfg.tis_cap:
+            weights = algos.truncated_is_weights(old_logp, rollout_logp, cfg.tis_cap)
+            extra["tis_weight"] = algos.agg_loss(weights, mask, count=counts.tokens).item()
     pg, stats = algos.policy_loss(logp, old_logp, adv, mask, cfg.clip_low, cfg.clip_high, cfg.clip_c, cfg.agg,
-                                  counts)
+                                  counts, weights)
     ent = algos.agg_loss(entropy, mask, cfg.agg, counts.loss)
     kl = algos.agg_loss(algos.kl_penalty(logp, ref_logp, cfg.kl_kind), mask, cfg.agg, counts.loss)
     loss = pg - cfg.entropy_coef * ent + cfg.kl_coef * kl
-    return loss, {"pg_loss": pg.item(), "entropy": ent.item(), "kl": kl.item(), **stats}
+    return loss, {"pg_loss": pg.item(), "entropy": ent.item(), "kl": kl.item(), **stats, **extra}
 
 
 def _share(flags: list[bool]) -> float | None:
@@ -297,8 +309,10 @@ class RLTrainer:
         loss mask (``rl.loss_mask: false``, the ablation, trains the documents too)."""
         scores = torch.tensor([trajectory_score(t, self.cfg.reward, self.tokenizer) for t in group.trajs])
         tensors = batch_tensors(group.trajs, self.tokenizer.pad_token_id, self.cfg.loss_mask)
+        rollout_logp = tensors["rollout_logp"]
         return Batch(tensors["input_ids"].to(self.device), tensors["mask"].to(self.device), scores.to(self.device),
-                     group.group_ids.to(self.device), lengths=tensors["lengths"].to(self.device))
+                     group.group_ids.to(self.device), lengths=tensors["lengths"].to(self.device),
+                     rollout_logp=None if rollout_logp is None else rollout_logp.to(self.device))
 
     def logprobs(self, batch: Batch) -> Batch:
         """Phase 4, without gradient: the reference's log-probs (for the KL), the old policy's (for the
@@ -364,7 +378,8 @@ class RLTrainer:
         with self._autocast():
             logp, entropy = self._logprobs(self.policy, batch.input_ids, with_entropy=True)
         old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
-        return rl_loss(self.cfg, logp, entropy, old_logp, batch.ref_logp, batch.advantages, batch.mask, counts)
+        return rl_loss(self.cfg, logp, entropy, old_logp, batch.ref_logp, batch.advantages, batch.mask, counts,
+                       batch.rollout_logp)
 
     def update(self, batch: Batch) -> dict:
         """Phase 6: ``ppo_epochs`` passes over the batch in shuffled mini-batches, one optimizer step
@@ -431,6 +446,7 @@ class RLTrainer:
         a checkpoint every ``rl.checkpoint_every`` steps."""
         start = time.time()
         group = self.rollout_group()
+        self.backend.sleep()  # a colocated vLLM engine frees its GPU memory for the update (vllm.sleep_mode)
         timing = dict(group.seconds)
         batch = self.score(group)
         t0 = time.time()
@@ -441,6 +457,7 @@ class RLTrainer:
         update = self.update(batch)
         timing["update"] = time.time() - t0
         t0 = time.time()
+        self.backend.wake_up()
         self.sync_weights()  # the next rollouts (and validation) sample the updated policy
         timing["weight_sync"] = time.time() - t0
         self.step_count = group.step
