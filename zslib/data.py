@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from .files import ROOT, JSONLError, read_jsonl
 
@@ -26,12 +25,17 @@ FLASHRAG_HUB_ID = "RUC-NLPIR/FlashRAG_datasets"
 TINY_EXTRA = ("hops", "relation", "subject", "supporting_titles")
 
 
+if TYPE_CHECKING:  # imported where used: the GPU check's machine has no datasets package
+    import datasets
+
+
 class DataError(ValueError):
     pass
 
 
 def read_rows(file: Path) -> list[dict]:
     if file.suffix == ".parquet":
+        import datasets
         return datasets.Dataset.from_parquet(str(file)).to_list()
     try:
         return read_jsonl(file)
@@ -91,6 +95,7 @@ def _local_file(path: Path, split: str) -> Path:
 
 def load_qa(name: str, split: str, path: str | Path | None = None) -> datasets.Dataset:
     """One QA split as a ``datasets.Dataset`` in the unified schema."""
+    import datasets
     if path is None and name == "tiny":
         path = ROOT / "outputs" / "tiny" / "data"
         if not (path / f"{split}.jsonl").exists():

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import requests
-
 from .files import read_jsonl
 from .registry import Registry
 
@@ -139,6 +137,7 @@ class WebSearchEngine:
         return self.cache_dir / f"{digest}.json"
 
     def _request(self, query: str, topk: int) -> dict:
+        import requests
         key = self._key()
         for attempt in range(self.max_retries + 1):
             try:
