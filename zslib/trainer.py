@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import algos
+from . import algos, distributed
 from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
@@ -190,6 +190,17 @@ def make_engines(profile, engine=None, real=None, device: str | None = None) -> 
     return engine, real
 
 
+def _gathered(group: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
+    """Every process's rollouts and rewards as one step's (itself alone with one process)."""
+    if distributed.world_size() == 1:
+        return group, scores
+    parts = distributed.gather((group.questions, group.trajs, scores.tolist(), group.simulator_tokens))
+    merged = Rollouts(group.step, [q for p in parts for q in p[0]], [t for p in parts for t in p[1]],
+                      torch.cat([torch.full((len(p[1]),), i) for i, p in enumerate(parts)]), group.noise_prob,
+                      sum(p[3] for p in parts), group.seconds)
+    return merged, torch.tensor([x for p in parts for x in p[2]])
+
+
 def _keep_until(path: Path, step: int) -> list[dict]:
     """Drop the lines a run wrote after its last checkpoint (it is resumed from there), and a last
     line cut off mid-write by the interruption; returns the rows kept."""
@@ -257,6 +268,24 @@ class RLTrainer:
         self.noise_rng = torch.Generator().manual_seed(profile.seed + 1)
         self.shuffle_rng = torch.Generator().manual_seed(profile.seed + 2)
         self.step_count = 0
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if cfg.questions_per_step % self.world or cfg.mini_batch_size % self.world:
+            raise ValueError(f"rl.questions_per_step ({cfg.questions_per_step}) and rl.mini_batch_size "
+                             f"({cfg.mini_batch_size}) must be multiples of the {self.world} processes")
+        self._rank_streams()
+
+    def _rank_streams(self) -> None:
+        """With several processes, each one past the first samples and draws noise from streams of its
+        own (seeded by rank and step), so their rollouts differ; the first keeps the single-process ones."""
+        if self.rank:
+            seed = (self.profile.seed * 1_000_003 + self.rank) * 1_000_003 + self.step_count
+            torch.manual_seed(seed)
+            self.noise_rng.manual_seed(seed + 1)
+
+    @property
+    def _mini_batch_size(self) -> int:
+        """This process's rows per optimizer step: its share of ``rl.mini_batch_size``."""
+        return self.cfg.mini_batch_size // self.world
 
     def _warmup(self, step: int) -> float:
         return min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
@@ -280,6 +309,7 @@ class RLTrainer:
         one draw per call."""
         cfg, step = self.cfg, step or self.step_count + 1
         picked = self.question_rng.sample(self.questions, min(cfg.questions_per_step, len(self.questions)))
+        picked = picked[self.rank::self.world]  # every process draws the same questions and takes its share
         rows = [q for q in picked for _ in range(cfg.group_size)]
         simulated = cfg.engine == "simulator"
         p_noise = self.noise_probability(step) if simulated else 0.0
@@ -319,7 +349,7 @@ class RLTrainer:
         ratio) and the critic's values, in micro-batches. One epoch over one mini-batch is exactly
         on-policy: the update's own forward pass gives the old log-probs, so they stay None here."""
         cfg, ids = self.cfg, batch.input_ids
-        on_policy = cfg.ppo_epochs == 1 and len(ids) <= cfg.mini_batch_size
+        on_policy = cfg.ppo_epochs == 1 and len(ids) <= self._mini_batch_size
         with torch.no_grad(), self._autocast():
             batch.old_logp = None if on_policy else self._in_parts(lambda x: self._logprobs(self.policy, x)[0], batch)
             batch.ref_logp = self._in_parts(self._reference_logprobs, batch)
@@ -333,7 +363,7 @@ class RLTrainer:
         backward) pass each."""
         cfg, rows = self.cfg, len(batch.input_ids)
         if not cfg.micro_batch_tokens:
-            return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(cfg.micro_batch_size or cfg.mini_batch_size)]
+            return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(cfg.micro_batch_size or self._mini_batch_size)]
         parts, part = [], []
         for i in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
             width = _padded(int(batch.lengths[part[0] if part else i]))  # the part's longest row comes first
@@ -391,7 +421,7 @@ class RLTrainer:
         sums: dict[str, list[float]] = {}
         for _ in range(self.cfg.ppo_epochs):
             order = torch.randperm(len(batch.input_ids), generator=self.shuffle_rng)
-            for i in order.split(self.cfg.mini_batch_size):
+            for i in order.split(self._mini_batch_size):
                 for key, value in self._optimizer_step(batch.rows(i)).items():
                     sums.setdefault(key, []).append(value)
         self.scheduler.step()
@@ -403,7 +433,8 @@ class RLTrainer:
         """One optimizer step on a mini-batch, its gradient accumulated over micro-batches: each
         micro-batch's loss is divided by the whole mini-batch's counts, so the sum of their gradients
         is the gradient of one pass over the mini-batch (and so are the statistics)."""
-        cfg, counts, out = self.cfg, algos.Counts.of(mini.mask, self.cfg.agg), {}
+        cfg, out = self.cfg, {}
+        counts = algos.Counts(*distributed.all_sum(list(vars(algos.Counts.of(mini.mask, cfg.agg)).values())))
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -418,6 +449,9 @@ class RLTrainer:
                 stats["value_loss"] = vloss.item()
             for key, value in stats.items():
                 out[key] = out.get(key, 0.0) + value
+        # Each process's part was divided by the global counts: the sums are the global mini-batch's.
+        out = dict(zip(out, distributed.all_sum(list(out.values()))))
+        distributed.all_reduce_grads([*self.policy.parameters(), *(self.critic.parameters() if self.critic else [])])
         out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
         self.optimizer.step()
         if self.critic is not None:
@@ -463,16 +497,19 @@ class RLTrainer:
         self.step_count = group.step
 
         validation = {}
-        if self.cfg.validate_every > 0 and (group.step % self.cfg.validate_every == 0 or group.step == self.cfg.steps):
+        if self.cfg.validate_every > 0 and (group.step % self.cfg.validate_every == 0 or group.step == self.cfg.steps) \
+                and distributed.is_main():  # the others go on to the next step's rollouts meanwhile
             t0 = time.time()
             validation = self.validate()
             timing["validation"] = time.time() - t0
-        metrics = step_metrics(group, batch.scores, self.cfg.group_size, update, self.scheduler.get_last_lr()[0],
+        group, scores = _gathered(group, batch.scores)  # the metrics describe every process's rollouts
+        metrics = step_metrics(group, scores, self.cfg.group_size, update, self.scheduler.get_last_lr()[0],
                                validation, time.time() - start, timing)
-        append_jsonl(self.metrics_path, [metrics])
-        append_jsonl(self.samples_path, self._samples(group, batch.scores))
-        if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps:
-            self.save_checkpoint()
+        if distributed.is_main():
+            append_jsonl(self.metrics_path, [metrics])
+            append_jsonl(self.samples_path, self._samples(group, scores))
+            if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps:
+                self.save_checkpoint()
         return metrics
 
     def _samples(self, group: Rollouts, scores: torch.Tensor) -> list[dict]:
@@ -526,22 +563,24 @@ class RLTrainer:
         """Run up to ``steps`` (default ``rl.steps``). With ``resume`` the run continues from its
         last checkpoint; lines logged after that checkpoint are dropped and redone. Without it,
         earlier products of this run directory are removed first."""
-        if resume:
-            self.load_checkpoint()
-        else:
+        if not resume and distributed.is_main():
             for path in (self.metrics_path, self.samples_path):
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             shutil.rmtree(self.best_dir, ignore_errors=True)
-        kept = _keep_until(self.metrics_path, self.step_count)
-        _keep_until(self.samples_path, self.step_count)
-        # The best validation so far, from the steps kept; a best saved after the checkpoint is
-        # dropped with them (the redone steps save it again).
-        for folder in complete_folders(self.best_dir):
-            if int(folder.name.split("-")[1]) > self.step_count:
-                shutil.rmtree(folder)
-        validated = [(m["val_em"], m["step"]) for m in kept if "val_em" in m]
-        self.best_validation = max(validated, key=lambda v: (v[0], -v[1])) if validated else None
+        distributed.barrier()  # the others read what the main process left
+        if resume and self.load_checkpoint():
+            self._rank_streams()
+        if distributed.is_main():
+            kept = _keep_until(self.metrics_path, self.step_count)
+            _keep_until(self.samples_path, self.step_count)
+            # The best validation so far, from the steps kept; a best saved after the checkpoint is
+            # dropped with them (the redone steps save it again).
+            for folder in complete_folders(self.best_dir):
+                if int(folder.name.split("-")[1]) > self.step_count:
+                    shutil.rmtree(folder)
+            validated = [(m["val_em"], m["step"]) for m in kept if "val_em" in m]
+            self.best_validation = max(validated, key=lambda v: (v[0], -v[1])) if validated else None
         last = min(steps or self.cfg.steps, self.cfg.steps)
         out = []
         bar = tqdm(range(self.step_count, last), desc=f"RL ({self.cfg.algorithm}, {self.cfg.engine})",
@@ -550,6 +589,7 @@ class RLTrainer:
             m = self.step()
             out.append(m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", p=f"{m['noise_prob']:.2f}")
+        distributed.barrier()  # the main process's last validation and checkpoint are on disk for all
         return out
 
     # ------------------------------------------------------------ checkpoints
@@ -617,6 +657,8 @@ class RLTrainer:
     def save_policy(self, folder: str | Path | None = None) -> Path:
         """The trained policy (adapter merged) and tokenizer, loadable with ``from_pretrained``."""
         folder = Path(folder or self.run_dir / "policy")
+        if not distributed.is_main():
+            return folder
         model = copy.deepcopy(self.policy).merge_and_unload() if self.cfg.lora else self.policy
         model.save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))
