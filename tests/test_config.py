@@ -170,3 +170,56 @@ def test_a_micro_batch_larger_than_its_mini_batch_is_an_error():
     with pytest.raises(ConfigError, match=r"rl.micro_batch_size \(8\) must be at most rl.mini_batch_size \(4\)"):
         load_profile("tiny", {"rl.mini_batch_size": 4, "rl.micro_batch_size": 8})
     assert load_profile("tiny", {"rl.mini_batch_size": 4, "rl.micro_batch_size": 4}).rl.micro_batch_size == 4
+
+
+def test_the_simulators_engine_settings_are_vllms_with_its_own_keys_in_place():
+    import dataclasses
+    plain = load_profile("tiny")
+    assert dataclasses.asdict(plain.simulator_vllm_config) == dataclasses.asdict(plain.vllm), "no section: as vllm:"
+    p = load_profile("tiny", {"vllm.max_model_len": 2048, "vllm.sleep_mode": True,
+                              "simulator_vllm": {"gpu_memory_utilization": 0.6, "sleep_mode": False}})
+    sim = p.simulator_vllm_config
+    assert (sim.gpu_memory_utilization, sim.sleep_mode, sim.max_model_len) == (0.6, False, 2048)
+    assert (p.vllm.gpu_memory_utilization, p.vllm.sleep_mode) == (0.3, True), "the policy's engine keeps its own"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("simulator_vllm.gpu_memory_utilization", 1.5, r"simulator_vllm[.]gpu_memory_utilization must be in \(0, 1\], not 1.5"),
+    ("simulator_vllm.tensor_parallel_size", 0, r"simulator_vllm[.]tensor_parallel_size must be >= 1, not 0"),
+    ("simulator_vllm.dtype", "float8", r"simulator_vllm[.]dtype must be one of auto, float32"),
+    ("simulator_vllm.sleep_mode", "yes", r"simulator_vllm[.]sleep_mode: expected true/false"),
+    ("simulator_vllm.gpu_share", 0.5, r"unknown key simulator_vllm[.]gpu_share \(known: .*gpu_memory_utilization"),
+    ("vllm.tensor_parallel_size", 0, r"vllm[.]tensor_parallel_size must be >= 1, not 0"),
+    ("vllm.data_parallel_size", 0, r"vllm[.]data_parallel_size must be >= 1, not 0"),
+    ("simulator.url", [], r"simulator[.]url must be a URL or a non-empty list of URLs"),
+])
+def test_a_bad_simulator_engine_setting_fails_at_load_time_naming_its_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_profile("tiny", {key: value})
+
+
+def test_data_parallel_engines_are_for_the_simulator_server_only():
+    with pytest.raises(ConfigError, match=r"vllm.data_parallel_size \(2\) must be 1 with rollout.backend: vllm"):
+        load_profile("tiny", {"rollout.backend": "vllm", "vllm.data_parallel_size": 2})
+    with pytest.raises(ConfigError, match=r"simulator_vllm.data_parallel_size \(2\) must be 1 with simulator.serve: inprocess"):
+        load_profile("tiny", {"rollout.backend": "vllm", "simulator_vllm.data_parallel_size": 2})
+    served = load_profile("tiny", {"rollout.backend": "vllm", "simulator.serve": "http",
+                                   "simulator_vllm.data_parallel_size": 2})
+    assert served.simulator_vllm_config.data_parallel_size == 2 and served.vllm.data_parallel_size == 1
+
+
+def test_simulator_url_takes_one_url_or_several():
+    assert load_profile("tiny").simulator.urls == ["http://127.0.0.1:8001/v1"]
+    many = ["http://10.0.0.1:8001/v1", "http://10.0.0.2:8001/v1"]
+    assert load_profile("tiny", {"simulator.url": many}).simulator.urls == many
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b"])
+def test_gpu_profiles_generate_on_vllm_with_a_sleeping_policy_engine_and_a_simulator_engine_of_its_own(name):
+    p = load_profile(name)
+    sim = p.simulator_vllm_config
+    assert p.rollout.backend == "vllm" and p.vllm.sleep_mode and not sim.sleep_mode
+    assert p.vllm.kv_cache_memory_bytes == 0 and sim.kv_cache_memory_bytes == 0, "both sized by their GPU share"
+    assert sim.gpu_memory_utilization != p.vllm.gpu_memory_utilization
+    assert p.vllm.gpu_memory_utilization + sim.gpu_memory_utilization <= 0.6, "room left for the trainer"
+    assert sim.max_model_len >= p.rollout.max_context and sim.dtype == p.vllm.dtype == "bfloat16"

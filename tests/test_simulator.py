@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -235,12 +236,13 @@ def test_evaluate_engine_counts_answers_per_kind_and_parse_rate():
 
 class _StubServer:
     """A local HTTP server standing in for the simulator's: each request gets the next scripted
-    reply, ("sleep", seconds) or (status, body)."""
+    reply, ("sleep", seconds) or (status, body). ``echo``: a default reply names this server and each
+    prompt's first token; ``prompts`` records the prompts it received."""
 
-    def __init__(self, replies):
+    def __init__(self, replies, echo: str | None = None):
         import http.server
         import threading
-        self.replies, self.requests = list(replies), 0
+        self.replies, self.requests, self.prompts = list(replies), 0, []
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -249,10 +251,15 @@ class _StubServer:
                 import time
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests += 1
+                stub.prompts += body["prompt"]
                 kind, value = stub.replies.pop(0) if stub.replies else (200, None)
                 if kind == "sleep":
                     time.sleep(value)
                     kind = 200
+                if value is None and echo:
+                    value = {"choices": [{"index": i, "text": f"Doc 1(Title: {echo}) token {p[0]}"}
+                                         for i, p in enumerate(body["prompt"])],
+                             "usage": {"completion_tokens": len(body["prompt"])}}
                 if value is None:
                     value = {"choices": [{"index": i, "text": f"Doc 1(Title: T{i}) text {i}"}
                                          for i in range(len(body["prompt"]))], "usage": {"completion_tokens": 7}}
@@ -320,6 +327,140 @@ def test_http_transport_says_when_the_server_is_down():
     with pytest.raises(SimulatorServerError, match=re.escape(url) + r"/completions is not reachable .*3 tries.*"
                                                    r"python -m zslib.serve_simulator"):
         _transport(url).complete([[1]], 1, 10, 0.0, 1.0)
+
+
+def test_http_transport_spreads_chunks_over_several_servers_and_keeps_the_order():
+    a, b = _StubServer([], echo="A"), _StubServer([], echo="B")
+    try:
+        transport = _transport([a.url, b.url], batch_calls=2, threads=2)
+        texts = transport.complete([[i] for i in range(5)], 1, 10, 0.0, 1.0)  # chunks [0, 1] [2, 3] [4]
+        assert texts == [f"Doc 1(Title: {s}) token {i}" for i, s in enumerate("AABBA")]
+        assert a.prompts == [[0], [1], [4]] and b.prompts == [[2], [3]]
+        assert transport.generated_tokens == 5
+        # The turn goes on across calls: a call of one chunk does not always land on the first server.
+        assert transport.complete([[7]], 1, 10, 0.0, 1.0) == ["Doc 1(Title: B) token 7"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_http_transport_with_one_server_down_names_that_server():
+    import socket
+
+    from zslib.simulator import SimulatorServerError
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    up = _StubServer([], echo="A")
+    try:
+        with pytest.raises(SimulatorServerError, match=re.escape(down) + r"/completions is not reachable .*3 tries"):
+            _transport([up.url, down], batch_calls=1).complete([[1], [2], [3]], 1, 10, 0.0, 1.0)
+        assert up.prompts and all(p in ([1], [3]) for p in up.prompts), "no fallback: the down server's share stays its own"
+    finally:
+        up.close()
+
+
+def test_the_profile_gives_the_http_transport_every_url():
+    from zslib import config, simulator
+    urls = ["http://127.0.0.1:8101/v1", "http://127.0.0.1:8102/v1/"]
+    P = config.load_profile("tiny", {"simulator.serve": "http", "simulator.url": urls})
+    transport = simulator.TRANSPORTS["http"](P, True, (None, object()), None)[0]
+    assert transport.urls == ["http://127.0.0.1:8101/v1", "http://127.0.0.1:8102/v1"]
+
+
+def test_the_server_command_takes_the_simulators_engine_settings_and_parallelism(tmp_path):
+    import json
+
+    from zslib import config, serve_simulator
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    P = config.load_profile("tiny", {
+        "simulator.url": ["http://127.0.0.1:8201/v1", "http://127.0.0.1:8202/v1"], "vllm.kv_cache_memory_bytes": 0,
+        "vllm.gpu_memory_utilization": 0.3, "vllm.max_model_len": 2048, "simulator_vllm.gpu_memory_utilization": 0.6,
+        "simulator_vllm.tensor_parallel_size": 2, "simulator_vllm.data_parallel_size": 4})
+    flags = dict(zip(cmd := serve_simulator.command(P, folder=full), cmd[1:]))
+    assert flags["--gpu-memory-utilization"] == "0.6", "the simulator's own share, not the policy engine's"
+    assert flags["--max-model-len"] == "2048", "what simulator_vllm does not set comes from vllm"
+    assert flags["--tensor-parallel-size"] == "2" and flags["--data-parallel-size"] == "4"
+    assert flags["--port"] == "8201", "the first URL unless told a port"
+    assert dict(zip(cmd := serve_simulator.command(P, port=8202, folder=full), cmd[1:]))["--port"] == "8202"
+    plain = serve_simulator.command(config.load_profile("tiny"), folder=full)
+    flags = dict(zip(plain, plain[1:]))
+    assert flags["--tensor-parallel-size"] == "1" and flags["--data-parallel-size"] == "1"
+    assert flags["--kv-cache-memory-bytes"] == "268435456"
+
+
+def test_the_in_process_simulator_gives_vllm_its_folder_dtype_and_own_engine_settings(tokenizer, tmp_path,
+                                                                                      monkeypatch):
+    """What the transport hands the vLLM backend (a stand-in records it; test_vllm.py runs the real one)."""
+    import json
+
+    from zslib import config, simulator
+    from zslib.generation import backends, vllm_backend
+    made = []
+
+    class Recorder:
+        def __init__(self, model, tokenizer, stop_strings, cfg, **options):
+            made.append((model, stop_strings, cfg, options))
+            self.generated_tokens = 0
+
+        def generate(self, prompts, max_new_tokens, temperature, top_p, continuing=False):
+            return [[] for _ in prompts]
+
+    monkeypatch.setattr(vllm_backend, "VLLMBackend", Recorder)
+    tuned = tmp_path / "sim"
+    tuned.mkdir()
+    (tuned / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    tokenizer.save_pretrained(str(tuned))
+    monkeypatch.setattr(config.Profile, "simulator_dir", property(lambda self: tuned))
+    P = config.load_profile("tiny", {"rollout.backend": "vllm", "models.dtype": "bfloat16",
+                                     "simulator_vllm.gpu_memory_utilization": 0.5, "simulator_vllm.max_model_len": 2048})
+    simulator.engine_for(P, device="cuda").search(["q"], 3)
+    model, stops, cfg, options = made[-1]
+    assert model == str(tuned) and stops == ["Doc 4("] and options["dtype"] == "bfloat16"
+    assert cfg.gpu_memory_utilization == 0.5 and cfg.max_model_len == 2048 and P.vllm.max_model_len == 1024
+    assert simulator.simulator_dtype(P, "cpu") == "float32"
+    backends.make_backend("vllm", torch_model := object(), tokenizer, vllm_cfg=P.vllm, dtype="bfloat16")
+    assert made[-1][0] is torch_model and "dtype" not in made[-1][3], "an in-memory model's engine keeps vllm.dtype"
+
+
+def test_a_lora_simulator_is_merged_into_a_folder_once_for_engines_that_load_checkpoints(tokenizer, tmp_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zslib import config, simulator
+    base = _saved_base(tokenizer, tmp_path / "base", hidden_size=64, intermediate_size=128, num_layers=2)
+    P = config.load_profile("tiny", {"models.simulator": str(base)})
+    adapter = tmp_path / "adapter"
+
+    def save_adapter(seed):
+        torch.manual_seed(seed)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(str(adapter))
+        tokenizer.save_pretrained(str(adapter))
+
+    save_adapter(0)
+    folder = Path(simulator.simulator_checkpoint(P, path=adapter))
+    assert folder.parent == adapter and folder.name.startswith("merged-")
+    ids = tokenizer("Doc 1(Title: Xo)", return_tensors="pt")["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(folder)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, plain(ids).logits, atol=1e-3)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert Path(simulator.simulator_checkpoint(P, path=adapter)) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp, "not merged again"
+    save_adapter(1)  # notebook 03 trained again
+    again = Path(simulator.simulator_checkpoint(P, path=adapter))
+    assert again != folder and not folder.exists() and [p.name for p in adapter.glob("merged-*")] == [again.name]
+    assert simulator.simulator_checkpoint(P, finetuned=False) == str(base)
+    bf16 = Path(simulator.simulator_checkpoint(P, dtype="bfloat16", path=adapter))
+    assert bf16 != again and AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
 
 
 def test_the_server_command_serves_a_full_model_or_the_base_with_its_adapter(tmp_path):

@@ -170,3 +170,130 @@ def test_rl_with_vllm_and_the_http_simulator_runs_and_resumes(protocol_model, to
     with torch.no_grad():
         ours = rl_models.token_logprobs(resumed.policy, torch.tensor([seq]))[0][0]
     assert (torch.tensor(resumed.backend.sequence_logprobs([seq])[0]) - ours).abs().mean() < 1e-5
+
+
+def test_sleep_wake_up_then_new_weights_generate_as_the_updated_model(protocol_model, tokenizer, bm25):
+    """The trainer's order with vllm.sleep_mode: rollouts, sleep, update, wake_up, load_weights,
+    rollouts. The CPU build cannot free memory (it ignores the request), so the test does what level 2
+    does to the weights on a GPU: while the engine sleeps, their content is replaced by noise."""
+    import time
+
+    from zslib.generation import vllm_backend
+    model, rows = protocol_model
+    policy = copy.deepcopy(model)
+    backend = backends.make_backend("vllm", policy, tokenizer, vllm_cfg=VLLMConfig(sleep_mode=True))
+    before = rollout(backend, tokenizer, rows[:4], engine_search_fn(bm25, 3), CFG, 0.0)
+
+    start = time.perf_counter()
+    backend.sleep()
+    slept = time.perf_counter() - start
+    assert backend.entry["asleep"] == {"weights", "kv_cache"} and backend.entry["owner"] is None
+    noise = {k: torch.randn_like(v) for k, v in vllm_backend.merged_state_dict(policy).items()}
+    from safetensors.torch import save
+    backend.llm.collective_rpc("zs_load_weights", args=(save(noise),))  # what level 2 leaves behind
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)  # the update, while the engine sleeps
+    ids = torch.tensor([before[0].token_ids])
+    (-rl_models.token_logprobs(policy, ids)[0].mean()).backward()
+    optimizer.step()
+
+    start = time.perf_counter()
+    backend.wake_up()
+    woke = time.perf_counter() - start
+    assert backend.entry["asleep"] == {"kv_cache"}, "the cache's memory comes back after the weights are in"
+    backend.load_weights()
+    assert not backend.entry["asleep"] and backend.entry["owner"] is backend
+    print(f"\nCPU build: sleep {slept * 1e3:.0f} ms, wake_up(weights) {woke * 1e3:.0f} ms "
+          f"(sleep mode available: {vllm_backend.sleep_mode_available()})")
+
+    after = rollout(backend, tokenizer, rows[:4], engine_search_fn(bm25, 3), CFG, 0.0)
+    hf = rollout(backends.make_backend("hf", policy, tokenizer), tokenizer, rows[:4], engine_search_fn(bm25, 3), CFG, 0.0)
+    assert [t.token_ids for t in after] == [t.token_ids for t in hf], "the engine generates with the new weights"
+    seq = after[0].token_ids
+    with torch.no_grad():
+        ours = rl_models.token_logprobs(policy, torch.tensor([seq]))[0][0]
+        old = rl_models.token_logprobs(model, torch.tensor([seq]))[0][0]
+    engine = torch.tensor(backend.sequence_logprobs([seq])[0])
+    assert (engine - ours).abs().mean() < 1e-5 and (engine - old).abs().mean() > 1e-3
+
+    # Generating straight after a sleep (no wake_up, no load_weights) wakes the engine and loads first.
+    backend.sleep()
+    backend.llm.collective_rpc("zs_load_weights", args=(save(noise),))
+    again = rollout(backend, tokenizer, rows[:4], engine_search_fn(bm25, 3), CFG, 0.0)
+    assert [t.token_ids for t in again] == [t.token_ids for t in after] and not backend.entry["asleep"]
+
+
+def test_sleep_does_nothing_without_sleep_mode_and_hf_sleep_drops_its_cache(protocol_model, tokenizer, vllm_backend):
+    model, rows = protocol_model
+    owner = vllm_backend.entry["owner"]  # (the shared engine: the last backend that loaded its weights)
+    vllm_backend.sleep()
+    assert not vllm_backend.entry["asleep"] and vllm_backend.entry["owner"] is owner
+    hf = backends.make_backend("hf", model, tokenizer)
+    prompt = tokenizer(render_policy_prompt(tokenizer, rows[0]["question"]), add_special_tokens=False)["input_ids"]
+    hf.generate([prompt], 8, 0.0, 1.0)
+    assert hf._kept is not None
+    hf.sleep()
+    hf.wake_up()
+    assert hf._kept is None
+
+
+def _modules_held(obj, seen=None) -> list:
+    """Every torch module reachable through ``obj``'s attributes, lists and dicts (not through vLLM's engine)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or type(obj).__module__.startswith("vllm"):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    children = list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple, set)) \
+        else list(vars(obj).values()) if hasattr(obj, "__dict__") and type(obj).__module__.startswith("zslib") else []
+    return [m for child in children for m in _modules_held(child, seen)]
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_the_in_process_simulator_on_vllm_loads_its_folder_and_keeps_no_transformers_model(
+        protocol_model, tokenizer, model_dir, tmp_path, monkeypatch, adapter):
+    import gc
+    import weakref
+
+    from transformers import PreTrainedModel
+
+    from zslib import config
+    model, rows = protocol_model
+    tuned = model_dir
+    if adapter:  # a LoRA adapter with non-zero weights, as notebook 03 saves it
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+        tuned = tmp_path / "adapter"
+        peft.save_pretrained(str(tuned))
+        tokenizer.save_pretrained(str(tuned))
+        del peft
+    monkeypatch.setattr(config.Profile, "simulator_dir", property(lambda self: tuned))
+    overrides = {"models.simulator": str(model_dir), "simulator.temperature": 0.0, "simulator.max_new_tokens": 60}
+    queries = [r["question"] for r in rows[:6]]
+    kwargs = dict(noisy=[False, True] * 3, questions=queries, answers=["x"] * 6)
+
+    def alive() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel)]
+
+    before = weakref.WeakSet(alive())
+    engine = simulator.engine_for(load_profile("tiny", {**overrides, "rollout.backend": "vllm"}))
+    served = engine.generate_raw(queries, 3, **kwargs)
+    assert [m for m in alive() if m not in before] == [], "no transformers model was left behind"
+    assert not _modules_held(engine.transport), "the transport holds no torch module"
+    assert all(isinstance(b, VLLMBackend) and b.model is None for b in engine.transport._backends.values())
+    if adapter:
+        from pathlib import Path
+        folder = Path(engine.transport.model)
+        assert folder.parent == tuned and folder.name.startswith("merged-") and (folder / "config.json").exists()
+        assert simulator.simulator_checkpoint(load_profile("tiny", overrides)) == str(engine.transport.model), \
+            "merged once: the next start reuses the folder"
+
+    hf = load_profile("tiny", {**overrides, "rollout.backend": "hf"})  # as before: HF, the adapter merged in memory
+    assert served == simulator.engine_for(hf).generate_raw(queries, 3, **kwargs) and all(t.strip() for t in served)
+    if adapter:
+        assert served != simulator.engine_for(hf, finetuned=False).generate_raw(queries, 3, **kwargs), \
+            "the adapter changes the documents, so the merged folder is not the base"

@@ -4,10 +4,12 @@
 
 Serves ``outputs/<profile>/simulator/`` under the name ``simulator.served_name``: the full model,
 or, when notebook 03 saved a LoRA adapter, the base with the adapter as a named module (the base
-itself is then ``<served_name>-base``). Engine settings come from the profile's ``vllm:`` section.
-Then run with ``-p simulator.serve=http`` (and ``simulator.url`` if not the default). ``--print``
-shows the command without starting it. The server takes one CPU core per worker on a CPU build, or
-one GPU; Ctrl-C stops it.
+itself is then ``<served_name>-base``). Engine settings come from the profile's ``vllm:`` section with
+its ``simulator_vllm:`` section's keys in place (``Profile.simulator_vllm_config``), tensor and data
+parallelism included. It listens on the first of ``simulator.url``'s URLs unless ``--port`` says
+otherwise: start one server per URL (``--port``) for a list. Then run with ``-p simulator.serve=http``
+(and ``simulator.url`` if not the default). ``--print`` shows the command without starting it. The
+server takes one CPU core per worker on a CPU build, or tensor x data parallel GPUs; Ctrl-C stops it.
 
 vLLM's own ``vllm serve`` command fails in the CPU build (it looks for a package named ``vllm``),
 so this starts ``python -m vllm.entrypoints.openai.api_server``, which works in both builds.
@@ -29,7 +31,8 @@ from .generation.vllm_backend import engine_args, prepare_environment
 
 FLAGS = {"dtype": "--dtype", "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "seed": "--seed", "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
-         "gpu_memory_utilization": "--gpu-memory-utilization"}
+         "gpu_memory_utilization": "--gpu-memory-utilization", "tensor_parallel_size": "--tensor-parallel-size",
+         "data_parallel_size": "--data-parallel-size"}
 
 
 def _checkpoint_dtype(folder: Path) -> str:
@@ -39,10 +42,11 @@ def _checkpoint_dtype(folder: Path) -> str:
 
 
 def command(profile, host: str | None = None, port: int | None = None, folder: str | Path | None = None) -> list[str]:
-    """The server's command line for the profile's fine-tuned simulator (or the one in ``folder``)."""
-    url = urlparse(profile.simulator.url)
+    """The server's command line for the profile's fine-tuned simulator (or the one in ``folder``), at the
+    first of ``simulator.url``'s URLs unless ``host`` or ``port`` say otherwise."""
+    url = urlparse(profile.simulator.urls[0])
     host, port = host or url.hostname or "127.0.0.1", port or url.port or 8001
-    sim, name, vcfg = Path(folder or profile.simulator_dir), profile.simulator.served_name, profile.vllm
+    sim, name, vcfg = Path(folder or profile.simulator_dir), profile.simulator.served_name, profile.simulator_vllm_config
     adapter = sim / "adapter_config.json"
     if adapter.exists():
         base = Path(profile.simulator_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -98,6 +99,7 @@ class HTTPTransport:
         self.backoff_s = backoff_s
         self.generated_tokens = 0
         self._turn = 0  # the server the next chunk goes to: the round robin goes on across calls
+        self._count = threading.Lock()  # replies arrive on several threads
 
     def _post(self, body: dict, url: str | None = None) -> dict:
         import time
@@ -142,7 +144,8 @@ class HTTPTransport:
             if len(choices) != len(chunk):
                 raise SimulatorServerError(f"simulator server {url}/completions answered {len(choices)} "
                                            f"completions for {len(chunk)} prompts")
-            self.generated_tokens += reply.get("usage", {}).get("completion_tokens", 0)
+            with self._count:
+                self.generated_tokens += reply.get("usage", {}).get("completion_tokens", 0)
             return [c["text"] for c in choices]
 
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
@@ -337,7 +340,7 @@ def _merged_adapter(profile, source: Path, dtype: str) -> Path:
     import shutil
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     digest = hashlib.sha256(json.dumps([profile.simulator_path, dtype]).encode())
     for f in sorted(source.glob("adapter_*")):
@@ -352,7 +355,7 @@ def _merged_adapter(profile, source: Path, dtype: str) -> Path:
     partial = source / f".{folder.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(partial))
+    load_tokenizer(str(source)).save_pretrained(str(partial))  # its end of sequence checked, as in process
     del model, base
     gc.collect()
     for old in source.glob("merged-*"):  # an earlier adapter's

@@ -14,6 +14,7 @@ or EOS. Collection, RL, evaluation, the LLM judge and the in-process simulator a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from ..prompts import STOP_STRINGS
@@ -67,7 +68,10 @@ def _vllm(model, tokenizer, stop_strings, vllm_cfg, **options):
     if vllm_cfg is None:
         raise BackendError("a vllm backend needs the profile's vllm settings (P.vllm, or config.VLLMConfig())")
     options.pop("reuse_cache", None)  # vLLM's prefix cache decides what to reuse
-    options.pop("dtype", None)  # the engine's own (vllm.dtype)
+    if not isinstance(model, (str, Path)):
+        # An in-memory model's engine runs in vllm.dtype, or the model's own with auto; a folder's
+        # stored dtype says nothing of how it is meant to be served, so there the option counts.
+        options.pop("dtype", None)
     return VLLMBackend(model, tokenizer, stop_strings, vllm_cfg, **options)
 
 

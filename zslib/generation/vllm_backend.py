@@ -157,10 +157,14 @@ def _engine(model, tokenizer, cfg, dtype: str, folder: str | None = None) -> tup
         from transformers import AutoConfig
         config = AutoConfig.from_pretrained(folder)
     arch = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
-    key = json.dumps([arch, dtype, dataclasses.asdict(cfg)], sort_keys=True, default=str)
+    prepare_environment()
+    # The CPU build refuses enable_sleep_mode (ValueError at start): there the engine starts without it
+    # and sleep()/wake_up() still run, only pausing and resuming it; so its engines differ in nothing.
+    sleep_mode = cfg.sleep_mode and sleep_mode_available()
+    settings = {**dataclasses.asdict(cfg), "sleep_mode": sleep_mode}
+    key = json.dumps([arch, dtype, settings], sort_keys=True, default=str)
     if key in _ENGINES:
         return _ENGINES[key], False
-    prepare_environment()
     from vllm import LLM
 
     temporary = None
@@ -175,11 +179,8 @@ def _engine(model, tokenizer, cfg, dtype: str, folder: str | None = None) -> tup
             model.generation_config.save_pretrained(folder)
         save_file(_weights(model, dtype), str(folder / "model.safetensors"))
         tokenizer.save_pretrained(folder)
-    # The CPU build refuses enable_sleep_mode (ValueError at start): there the engine starts without it
-    # and sleep()/wake_up() still run, only pausing and resuming it.
-    sleep = {"enable_sleep_mode": True} if cfg.sleep_mode and sleep_mode_available() else {}
     llm = LLM(model=str(folder), tokenizer=str(folder), worker_extension_cls="zslib.generation.vllm_backend.WeightSync",
-              **engine_args(cfg, dtype), **sleep)
+              enable_sleep_mode=sleep_mode, **engine_args(cfg, dtype))
     if not _ENGINES:
         # Stop the engines while the interpreter is whole: left to vLLM's finalizers at exit, the
         # engine process dies first and the C++ side can abort the process (exit 134) after a run.
