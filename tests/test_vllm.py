@@ -149,7 +149,8 @@ def test_rl_with_vllm_and_the_http_simulator_runs_and_resumes(protocol_model, to
         "models.policy": str(model_dir), "rollout.backend": "vllm", "rollout.max_turns": 2,
         "rollout.max_tokens_per_turn": 40, "rollout.max_obs_tokens": 96, "simulator.serve": "http",
         "simulator.url": server.simulator.url, "simulator.temperature": 0.0, "rl.steps": 3, "rl.questions_per_step": 2,
-        "rl.group_size": 3, "rl.mini_batch_size": 6, "rl.checkpoint_every": 2, "rl.lr": 1e-3, "rl.validate_every": 0})
+        "rl.group_size": 3, "rl.mini_batch_size": 6, "rl.checkpoint_every": 2, "rl.lr": 1e-3, "rl.validate_every": 0,
+        "rl.tis_cap": 2.0})  # the engine's log-probs of its samples weight the loss
 
     def run(folder, steps=None):
         t = trainer.RLTrainer(profile, folder, questions=rows, real_engine=bm25,
@@ -165,6 +166,9 @@ def test_rl_with_vllm_and_the_http_simulator_runs_and_resumes(protocol_model, to
     metrics = [json.loads(line) for line in resumed.metrics_path.read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and resumed.step_count == 3
     assert all(m["search_calls"] > 0 and m["simulator_tokens"] > 0 for m in metrics)
+    # The trainer's bf16 autocast against the engine's fp32: a small mismatch, weights near 1 (4e-4 measured).
+    assert all(0 < abs(m["rollout_mismatch_kl"]) < 5e-3 and abs(m["tis_weight"] - 1) < 1e-2 for m in metrics), \
+        [(m.get("rollout_mismatch_kl"), m.get("tis_weight")) for m in metrics]
     # The resumed engine generates with the resumed weights: its log-probs are the trainer's.
     seq = json.loads(resumed.samples_path.read_text().splitlines()[-1])["token_ids"]
     with torch.no_grad():
