@@ -424,6 +424,10 @@ class RLTrainer:
             for i in order.split(self._mini_batch_size):
                 for key, value in self._optimizer_step(batch.rows(i)).items():
                     sums.setdefault(key, []).append(value)
+        # The gradients' memory goes back until the next update (4 bytes a parameter, through the rollouts).
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.critic is not None:
             self.critic_scheduler.step()
