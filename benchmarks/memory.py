@@ -68,8 +68,8 @@ def made_up_batch(rows: int, tokens: int, vocab: int, device=None) -> trainer.Ba
 
 def trainer_peaks(profile, policy, reference, batch, tokenizer=None, critic=None) -> dict:
     """Peak bytes of ``RLTrainer.logprobs`` (with advantages) and of ``RLTrainer.update``, measured apart,
-    with the optimiser state and the last gradients there as in a run (a step on zero gradients makes
-    them without changing a weight)."""
+    after one update on a single short row: the optimiser state there, and whatever the update leaves
+    (``after_update``: whether gradients outlive it)."""
     tokenizer = tokenizer or SimpleNamespace(pad_token_id=0)
     models = rl_models.PolicyModels(tokenizer, policy, reference, critic, "cpu")
     if not profile.rl.lora:
@@ -77,15 +77,17 @@ def trainer_peaks(profile, policy, reference, batch, tokenizer=None, critic=None
     with tempfile.TemporaryDirectory() as run_dir:
         t = trainer.RLTrainer(profile, run_dir, models=models, engine=object(), questions=[], validation={},
                               backend=lambda model, tok: None)
-        for model, optimizer in ((t.policy, t.optimizer), (t.critic, getattr(t, "critic_optimizer", None))):
-            if model is not None:
-                for p in model.parameters():
-                    p.grad = torch.zeros_like(p) if p.requires_grad else None
-                optimizer.step()
+        short = batch.rows(torch.arange(1))
+        short = trainer.Batch(**{k: v[:, :64 - (k != "input_ids")] if torch.is_tensor(v) and v.dim() == 2 else v
+                                 for k, v in vars(short).items()})
+        short.lengths, short.mask = torch.tensor([64]), torch.ones_like(short.mask)
+        t.update(t.advantages(t.logprobs(short)))
+        kept = any(p.grad is not None for p in t.policy.parameters())
         tracked = (t.policy, t.optimizer, t.reference, t.critic, getattr(t, "critic_optimizer", None),
                    *[v for v in vars(batch).values() if torch.is_tensor(v)])
         out = {"logprobs": memory.tracked_peak(lambda: t.advantages(t.logprobs(batch)), *tracked)}
         out["update"] = memory.tracked_peak(lambda: t.update(batch), *tracked)
+        out["after_update"] = {"gradients": kept}
     return out
 
 
@@ -141,9 +143,10 @@ def fake_phases(shape: dict, rows: int, tokens: int, chunk: int, checkpointing: 
         reference = Qwen3ForCausalLM(qwen3_config(shape)).eval().requires_grad_(False)
         rl_models._checkpointing(policy, checkpointing)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
-        for p in policy.parameters():  # the optimiser state and last gradients exist, as after a step
+        for p in policy.parameters():  # the optimiser state exists, as after a step (which changes no weight)
             p.grad = torch.zeros_like(p)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=not memory.KEEPS_GRADIENTS)  # as RLTrainer.update leaves them
         ids = torch.randint(0, shape["vocab_size"], (rows, tokens))
         mask = torch.ones(rows, tokens - 1)
 
@@ -174,7 +177,9 @@ def compare(name: str, profile, shape: dict, measured: dict) -> list[tuple]:
     out = []
     for phase in ("logprobs", "update"):
         got, parts = measured[phase], est.by_phase[phase]
-        state = sum(parts.get(k, 0) for k in STATE) - parts.get("critic", 0) // 4  # less the critic's gradients
+        # The critic's weights and moments are state, its gradients (a quarter of the part) are not.
+        critic_grads = parts.get("critic", 0) // 4 if phase == "update" or memory.KEEPS_GRADIENTS else 0
+        state = sum(parts.get(k, 0) for k in STATE) - critic_grads
         out.append((f"{name} [{est.moments[phase]}]", phase, est.phases[phase], got["total"],
                     est.phases[phase] - state, got["total"] - got["param"] - got["opt"]))
     return out

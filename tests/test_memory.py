@@ -97,11 +97,16 @@ def large_vocabulary_peaks():
 
 def test_a_large_vocabulary_updates_under_a_bound_the_one_pass_exceeds(large_vocabulary_peaks):
     bound = 1 * GiB
-    one_pass = max(m["total"] for m in large_vocabulary_peaks[0, 0][1].values())
-    chunked = max(m["total"] for m in large_vocabulary_peaks[1, 128][1].values())
+    one_pass, chunked = (max(peaks[phase]["total"] for phase in ("logprobs", "update"))
+                         for _, peaks in (large_vocabulary_peaks[0, 0], large_vocabulary_peaks[1, 128]))
     print(f"\nvocabulary 151,936, 4 rows x 256 tokens, RL logprobs + update: one pass {one_pass / GiB:.3f} GiB, "
           f"micro_batch_size 1 + logprob_chunk 128 {chunked / GiB:.3f} GiB (bound {bound / GiB:.1f} GiB)")
     assert chunked <= bound < one_pass
+
+
+def test_the_trainer_frees_gradients_after_an_update_as_the_estimate_assumes(large_vocabulary_peaks):
+    for _, measured in large_vocabulary_peaks.values():
+        assert measured["after_update"]["gradients"] == memory.KEEPS_GRADIENTS
 
 
 def test_the_estimate_is_within_25_percent_of_the_large_vocabulary_peaks(large_vocabulary_peaks):

@@ -47,6 +47,9 @@ SHORT = {"backward starts": "bwd start", "backward ends": "bwd end", "forward en
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TINY_BASE_VOCAB = 256 + 3 + 8  # byte alphabet, special tokens, protocol tags (zslib/tiny/tokenizer.py)
 SIMULATOR_PROMPT = 256  # tokens of a simulator prompt (instruction and query), for its KV cache
+# Whether gradients outlive the update: ``RLTrainer.update`` frees them after its last optimizer step, so the
+# rollouts and the log-probs hold none (tests/test_memory.py checks the trainer still does).
+KEEPS_GRADIENTS = False
 
 
 # ---------------------------------------------------------------- model shapes
@@ -108,8 +111,13 @@ def model_shape(name_or_path: str, profile=None) -> dict:
     known = MODEL_CONFIGS / PACKAGED_CONFIGS.get(folder.name, f"{folder.name}.json")
     if known.exists():
         return _read_config(known)
-    raise FileNotFoundError(f"no shape for {name_or_path!r}: not a folder with config.json, and no "
-                            f"{known.relative_to(ROOT)} (add the model's config.json there)")
+    try:  # a hub model notebook 00 has downloaded: its config in the local cache
+        from transformers import AutoConfig
+        return _shape_of(AutoConfig.from_pretrained(name_or_path).to_dict())
+    except (OSError, ValueError, KeyError):
+        pass
+    raise FileNotFoundError(f"no shape for {name_or_path!r}: not a folder with config.json, not in the hub "
+                            f"cache, and no {known.relative_to(ROOT)} (add the model's config.json there)")
 
 
 def _dims(s: dict) -> tuple[int, ...]:
@@ -279,8 +287,9 @@ def _padded(n: int, multiple: int = 64) -> int:
 
 def estimate(profile, gpus: int = 1, gpu_gb: float = 80.0, fsdp: bool = False, shape: dict | None = None,
              device: str = "cuda", advice: bool = True) -> Estimate:
-    """The peak memory per GPU of one RL step of ``profile`` on ``gpus`` GPUs of ``gpu_gb`` GiB (DDP, or
-    with ``fsdp`` the policy, its gradients, optimiser state, reference and critic split over them).
+    """The peak memory per GPU of one RL step of ``profile`` on ``gpus`` GPUs of ``gpu_gb`` GiB (data parallel,
+    or with ``fsdp`` the policy, its gradients, optimiser state, reference and critic split over them, as FSDP
+    would: the trainer does not shard yet).
     ``shape``: the policy's shape (default ``model_shape`` of the profile's policy). ``device="cpu"``
     counts AdamW's per-tensor step, as on a CPU, instead of the multi-tensor step of a GPU (for checks
     against CPU measurements)."""
@@ -318,7 +327,8 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
     if ALGORITHMS[rl.algorithm].needs_critic:
         critic_shape = model_shape(rl.critic_model, profile) if rl.critic_model else s
         critic_params = parameter_count(critic_shape, head=False) + critic_shape["hidden_size"] + 1
-        static["critic"] = 16 * critic_params // shard  # weights, gradients, two moments
+        static["critic"] = 16 * critic_params // shard  # weights, gradients, two moments (no gradients outside
+        critic_no_grads = 12 * critic_params // shard   # the update unless KEEPS_GRADIENTS)
 
     # Rows and micro-batches per GPU (each process takes its share of the questions and of a mini-batch).
     rows = math.ceil(rl.questions_per_step * rl.group_size / gpus)
@@ -345,10 +355,13 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
              + (", activation checkpointing" if ckpt else "") + (", bf16 autocast" if ac else ", fp32")]
 
     # What each phase holds besides the training state: engines and the simulator.
-    engine_parts, rollout_only = _engines(profile, s, gpu_bytes, gpus, total, ac, notes)
+    engine_parts, rollout_only = _engines(profile, s, gpu_bytes, gpus, total, notes)
 
-    def state(grad_bytes):
-        return {**static, "gradients": grad_bytes, **engine_parts}
+    def state(grad_bytes, critic_grads=True):
+        out = {**static, "gradients": grad_bytes, **engine_parts}
+        if critic_shape is not None and not critic_grads:
+            out["critic"] = critic_no_grads
+        return out
 
     # Update (phase 6): the peak is one of these moments of a micro-batch's pass or the optimizer step.
     act = layer_activation_bytes(s, ac, lora, rl.lora_r)
@@ -393,21 +406,24 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
     update_at = max(moments, key=lambda m: sum(moments[m].values()))
     by_phase = {"update": moments[update_at]}
 
-    # Old and reference log-probs (phase 4), no gradient; the gradients of the last update are still there.
+    # Old and reference log-probs (phase 4), no gradient.
+    kept = grads if KEEPS_GRADIENTS else 0
     cache = (2 * linear if ac and off_policy and not lora else 0)  # the policy's weights, cached by autocast
+    critic_cache = 0  # the critic's, cached in its pass, after the policy's and reference's
     if critic_shape is not None and ac:
-        cache += 2 * critic_shape["num_hidden_layers"] * layer_linear_parameters(critic_shape)
+        critic_cache = 2 * critic_shape["num_hidden_layers"] * layer_linear_parameters(critic_shape)
     # Its peak is inside a layer, or at the output layer: the last hidden states and one chunk's logits,
     # after the bf16 copy of a frozen output layer that made them (a cached one is in ``cache``).
-    inside = {**state(grads), "activations": cache + positions * _no_grad_bytes(s, ac) + gathered}
+    inside = {**state(kept, KEEPS_GRADIENTS), "activations": cache + critic_cache + positions * _no_grad_bytes(s, ac)
+              + gathered}
     logits = max(LOGITS_NO_GRAD * at_once * vocab, 2 * (head_params + at_once * vocab) if ac else 0)
-    at_head = {**state(grads), "activations": cache + positions * (4 * h if chunked else 0) + gathered,
-               "logprobs": logits}
+    at_head = {**state(kept, KEEPS_GRADIENTS), "activations": cache + positions * (4 * h if chunked else 0)
+               + gathered, "logprobs": logits}
     logprobs_at = "layers" if sum(inside.values()) > sum(at_head.values()) else "output layer"
     by_phase["logprobs"] = inside if logprobs_at == "layers" else at_head
 
     # Rollouts (phases 1-2): the generation engine at its largest.
-    by_phase["rollout"] = {**state(grads), **rollout_only}
+    by_phase["rollout"] = {**state(kept, KEEPS_GRADIENTS), **rollout_only}
     moments_named = {"update": update_at, "logprobs": logprobs_at, "rollout": "decoding"}
     return Estimate(profile.name, gpus, gpu_gb, fsdp, {p: by_phase[p] for p in PHASES}, moments_named, notes)
 
@@ -416,7 +432,7 @@ def _sleeps(profile) -> bool:
     return bool(getattr(profile.vllm, "sleep_mode", False))
 
 
-def _engines(profile, s, gpu_bytes, gpus, total, ac, notes) -> tuple[dict, dict]:
+def _engines(profile, s, gpu_bytes, gpus, total, notes) -> tuple[dict, dict]:
     """(parts held in every phase, parts held during the rollouts only): the policy's generation engine
     and the simulator's."""
     ro, rl = profile.rollout, profile.rl
@@ -426,8 +442,8 @@ def _engines(profile, s, gpu_bytes, gpus, total, ac, notes) -> tuple[dict, dict]
     if ro.backend == "vllm":
         share = _vllm_share(profile.vllm, gpu_bytes, total * _engine_dtype_bytes(profile.vllm, s))
         (rollout if _sleeps(profile) else everywhere)["rollout"] = share
-        notes.append(f"rollout: vLLM, {_size(share)}" + (", released by sleep mode after the rollouts"
-                                                                  if _sleeps(profile) else ", kept in every phase"))
+        notes.append(f"rollout: vLLM, {_size(share)}, " + ("released by sleep mode after the rollouts"
+                                                            if _sleeps(profile) else "kept in every phase"))
     else:
         b = BYTES[profile.models.dtype]
         copy_bytes = total * b if b != 4 else 0  # decoding copy in models.dtype (the fp32 policy itself otherwise)
@@ -508,14 +524,16 @@ def _options(profile, gpus: int, fsdp: bool) -> list[tuple[str, list[tuple[dict,
     if rl.engine == "simulator" and profile.simulator.serve == "inprocess":
         out.append(("simulator.serve", [({"simulator.serve": "http"}, "simulator.serve: http (the simulator on "
                                                                       "GPUs of its own)")]))
-    out.append(("--fsdp", [({"--fsdp": True, "--gpus": n}, f"--fsdp --gpus {n}") for n in (2, 4, 8)
-                           if n > gpus or (n == gpus and not fsdp)]))
+    out.append(("--gpus", [({"--gpus": n}, f"--gpus {n} (data parallel: fewer rows per GPU)")
+                           for n in (2, 4, 8) if n > gpus]))
+    out.append(("--fsdp", [({"--fsdp": True, "--gpus": n}, f"--fsdp --gpus {n} (FSDP: not in the trainer yet)")
+                           for n in (2, 4, 8) if n > gpus or (n == gpus and not fsdp)]))
     return [(name, values) for name, values in out if values]
 
 
 # Settings that change what is trained or the hardware, not only how the step is computed: a
 # combination takes them only when the others are not enough.
-_NOT_FREE = {"rl.lora", "--fsdp", "simulator.serve", "rl.bf16_autocast"}
+_NOT_FREE = {"rl.lora", "--gpus", "--fsdp", "simulator.serve", "rl.bf16_autocast"}
 
 
 def _advice(profile, gpus, gpu_gb, fsdp, shape, device, est: Estimate) -> list[str]:
@@ -624,11 +642,14 @@ def main(argv=None) -> int:
     from .config import load_profile
     from .pipeline import parse_overrides
 
-    ap = argparse.ArgumentParser(prog="python -m zslib.memory", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m zslib.memory", description=__doc__.split("\n\n")[0],
+                                 epilog="The exit status is 1 when the estimate does not fit.")
     ap.add_argument("--profile", default="tiny", help="a name in configs/ or a path to a YAML profile")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an H100 80GB: 80)")
-    ap.add_argument("--gpus", type=int, default=1, help="GPUs the trainer runs on (one process each)")
-    ap.add_argument("--fsdp", action="store_true", help="shard policy, gradients, optimiser state and reference")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs the trainer runs on, one process each (data "
+                    "parallel: each rolls out and trains on its share of the rows)")
+    ap.add_argument("--fsdp", action="store_true", help="what sharding the policy, gradients, optimiser state and "
+                    "reference over the GPUs would hold (FSDP; the trainer does not shard yet)")
     ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a profile override, e.g. -p rl.micro_batch_size=2 (repeatable)")
     args = ap.parse_args(argv)
