@@ -446,13 +446,18 @@ def _engines(profile, s, gpu_bytes, gpus, total, notes) -> tuple[dict, dict]:
                                                             if _sleeps(profile) else "kept in every phase"))
     else:
         b = BYTES[profile.models.dtype]
-        copy_bytes = total * b if b != 4 else 0  # decoding copy in models.dtype (the fp32 policy itself otherwise)
+        # HFBackend's decoding copy in models.dtype (else it decodes with the fp32 policy itself) lives as long
+        # as the backend; its KV cache is dropped after the rollouts (``sleep``).
+        copy_bytes = total * b if b != 4 else 0
         kv = rows * width * _kv_bytes_per_token(s, b)
         new = min(width, ro.max_obs_tokens + ro.max_tokens_per_turn + 64)  # positions a later turn's prefill adds
         prefill = rows * new * (_no_grad_bytes(s, b == 2) + 3 * width)  # activations and the padding mask
+        if copy_bytes:
+            everywhere["rollout"] = copy_bytes
         rollout["rollout"] = copy_bytes + kv + prefill
         notes.append(f"rollout: HF, dense KV cache {_size(kv)} ({rows} rows x {width:,} tokens)"
-                     + (f" and a {profile.models.dtype} decoding copy" if copy_bytes else ""))
+                     + (f"; a {profile.models.dtype} decoding copy, {_size(copy_bytes)}, in every phase"
+                        if copy_bytes else ""))
     if rl.engine == "simulator" and profile.simulator.serve == "inprocess":
         sim = model_shape(profile.simulator_path, profile)
         sim_params = parameter_count(sim)
