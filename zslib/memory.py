@@ -334,15 +334,19 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
     rows = math.ceil(rl.questions_per_step * rl.group_size / gpus)
     mini_rows = max(1, rl.mini_batch_size // gpus)
     width = _padded(ro.max_context)
-    if rl.micro_batch_tokens:
-        positions = max(rl.micro_batch_tokens, width)
+    if rl.micro_batch_tokens:  # a part holds the budget's padded tokens (a longer row alone), at most its rows
+        budget = max(rl.micro_batch_tokens, width)
+        positions, lp_positions = min(budget, min(mini_rows, rows) * width), min(budget, rows * width)
         several = min(mini_rows, rows) * width > rl.micro_batch_tokens
     else:
         micro_rows = min(rl.micro_batch_size or mini_rows, rows)
-        positions = micro_rows * width
+        positions = lp_positions = micro_rows * width
         several = micro_rows < min(mini_rows, rows)
-    chunked = 0 < rl.logprob_chunk < positions
-    at_once = rl.logprob_chunk if chunked else positions  # positions whose full-vocabulary logits exist at once
+    # Update and log-probs phases (whose parts span the whole batch, not a mini-batch): the positions of a
+    # part, and how many of them have full-vocabulary logits at once.
+    chunked, lp_chunked = 0 < rl.logprob_chunk < positions, 0 < rl.logprob_chunk < lp_positions
+    at_once = rl.logprob_chunk if chunked else positions
+    lp_at_once = rl.logprob_chunk if lp_chunked else lp_positions
     off_policy = rl.ppo_epochs > 1 or rows > mini_rows  # then the old log-probs are a pass of their own
 
     notes = [f"policy {profile.models.policy}: {_count(total)} parameters ({layers} layer{'s' * (layers > 1)}, "
@@ -414,10 +418,10 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
         critic_cache = 2 * critic_shape["num_hidden_layers"] * layer_linear_parameters(critic_shape)
     # Its peak is inside a layer, or at the output layer: the last hidden states and one chunk's logits,
     # after the bf16 copy of a frozen output layer that made them (a cached one is in ``cache``).
-    inside = {**state(kept, KEEPS_GRADIENTS), "activations": cache + critic_cache + positions * _no_grad_bytes(s, ac)
-              + gathered}
-    logits = max(LOGITS_NO_GRAD * at_once * vocab, 2 * (head_params + at_once * vocab) if ac else 0)
-    at_head = {**state(kept, KEEPS_GRADIENTS), "activations": cache + positions * (4 * h if chunked else 0)
+    inside = {**state(kept, KEEPS_GRADIENTS), "activations": cache + critic_cache
+              + lp_positions * _no_grad_bytes(s, ac) + gathered}
+    logits = max(LOGITS_NO_GRAD * lp_at_once * vocab, 2 * (head_params + lp_at_once * vocab) if ac else 0)
+    at_head = {**state(kept, KEEPS_GRADIENTS), "activations": cache + lp_positions * (4 * h if lp_chunked else 0)
                + gathered, "logprobs": logits}
     logprobs_at = "layers" if sum(inside.values()) > sum(at_head.values()) else "output layer"
     by_phase["logprobs"] = inside if logprobs_at == "layers" else at_head
