@@ -7,6 +7,8 @@ corpus, and the ``RLTrainer`` at the profile's settings with the HF backend and 
 bm25``: the simulator is a model of its own, served apart). Per phase it prints the peak memory against
 ``zslib.memory``'s estimate and the seconds:
 
+AdamW's moments are made first (one step on zero gradients), as in every step after the first.
+
 - ``rollout``: one step's rollouts (``rl.questions_per_step`` x ``rl.group_size`` rows, ``rollout.batch_size`` at
   a time); a random model never writes an action, so each row runs ``--rollout-tokens`` tokens for one search
   turn and one answer turn (the generated tokens/s are the HF backend's);
@@ -147,6 +149,12 @@ def check(profile_name: str, work: Path, site: Path | None, reduced: bool, rollo
     meter = Meter(device)
     meter.externals = [m for m in (t.policy, t.reference, getattr(t.backend, "model", None), t.optimizer) if m is not None]
 
+    # AdamW makes its moments at its first step: one step on zero gradients (no change to the weights) makes
+    # them now, so every phase is measured in the steady state the estimate describes.
+    for param in t.policy.parameters():
+        param.grad = torch.zeros_like(param) if param.requires_grad else None
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
     group = meter.phase("rollout", t.rollout_group)
     generated = sum(len(tr.response_ids) for tr in group.trajs)
     t.backend.sleep()
@@ -155,7 +163,7 @@ def check(profile_name: str, work: Path, site: Path | None, reduced: bool, rollo
     stats = meter.phase("update", lambda: t.update(batch))
     meter.phase("weight_sync", lambda: (t.backend.wake_up(), t.sync_weights()))
 
-    est = memory.estimate(P, gpus=1, gpu_gb=gpu_gb, shape=shape)
+    est = memory.estimate(P, gpus=1, gpu_gb=gpu_gb, shape=shape, device=device)  # "cpu": AdamW's per-tensor step
     phases = {}
     for name, got in meter.results.items():
         estimate = est.phases.get(name)
