@@ -363,7 +363,8 @@ class RLTrainer:
         backward) pass each."""
         cfg, rows = self.cfg, len(batch.input_ids)
         if not cfg.micro_batch_tokens:
-            return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(cfg.micro_batch_size or self._mini_batch_size)]
+            size = cfg.micro_batch_size or self._mini_batch_size
+            return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(size)]
         parts, part = [], []
         for i in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
             width = _padded(int(batch.lengths[part[0] if part else i]))  # the part's longest row comes first
