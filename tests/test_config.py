@@ -223,3 +223,10 @@ def test_gpu_profiles_generate_on_vllm_with_a_sleeping_policy_engine_and_a_simul
     assert sim.gpu_memory_utilization != p.vllm.gpu_memory_utilization
     assert p.vllm.gpu_memory_utilization + sim.gpu_memory_utilization <= 0.6, "room left for the trainer"
     assert sim.max_model_len >= p.rollout.max_context and sim.dtype == p.vllm.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("setting", [{"rl.lora": True}, {"rl.algorithm": "ppo"}, {"rl.micro_batch_tokens": 4096}])
+def test_fsdp_with_what_it_does_not_shard_yet_is_an_error(setting):
+    with pytest.raises(ConfigError, match="rl.fsdp shards a fully fine-tuned policy without a critic"):
+        load_profile("tiny", {"rl.fsdp": True, **setting})
+    assert load_profile("tiny", {"rl.fsdp": True}).rl.fsdp

@@ -43,8 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(profile_file, run_dir, steps, processes):
+def _train(profile_file, run_dir, steps, processes, overrides=()):
     args = ["-m", "zslib.train_rl", "--profile", str(profile_file), "--run-dir", str(run_dir), "--steps", str(steps)]
+    args += [arg for o in overrides for arg in ("-p", o)]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(_free_port())] if processes > 1 else [sys.executable]
@@ -66,11 +67,25 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_as_one_and_resume_with_one(profile_file, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(profile_file, one, 5, processes=1)
-    out = _train(profile_file, two, 3, processes=2)
-    assert "on 2 process(es)" in out
+@pytest.fixture(scope="module")
+def one_process(profile_file, tmp_path_factory):
+    """The reference: 5 steps in one process."""
+    run = tmp_path_factory.mktemp("one")
+    _train(profile_file, run, 5, processes=1)
+    return run
+
+
+# Data parallel (every process holds the whole policy), and sharded (FSDP2, log-probs in chunks through it).
+PARALLEL = {"ddp": [], "fsdp": ["rl.fsdp=true", "rl.logprob_chunk=50"]}
+
+
+@pytest.mark.parametrize("mode", list(PARALLEL))
+def test_two_processes_train_as_one_and_resume_with_one(profile_file, one_process, tmp_path, mode):
+    one, two = one_process, tmp_path / "two"
+    out = _train(profile_file, two, 3, processes=2, overrides=PARALLEL[mode])
+    assert f"on 2 process(es){', sharded (FSDP)' if mode == 'fsdp' else ''}; policy" in out
+    state = torch.load(two / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=False)
+    assert ("optimizer_by_name" in state) == (mode == "fsdp"), "a sharded optimizer is saved whole, by names"
     # The same weights after 3 steps: each process rolled out 2 of the 4 questions, and the loss of each
     # was divided by the counts of all 4, so the summed gradients are one process's.
     # (Adam divides by the gradient's size, so the order of summation shows at 1e-5 where a gradient is ~0.)
@@ -82,7 +97,7 @@ def test_two_processes_train_as_one_and_resume_with_one(profile_file, tmp_path):
     for a, b in zip(_metrics(one)[:3], _metrics(two)):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"]) and b["search_calls"] == a["search_calls"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    # Resumed with one process from the two-process checkpoint, it ends where one process alone does.
+    # Resumed with one process (unsharded) from the two processes' checkpoint, it ends where one process alone does.
     out = _train(profile_file, two, 5, processes=1)
     assert "step 5 of 5 on 1 process(es)" in out and [m["step"] for m in _metrics(two)] == [1, 2, 3, 4, 5]
     assert _largest_difference(_weights(one, 5), _weights(two, 5)) < 5e-5

@@ -397,6 +397,8 @@ class RLConfig(_Section):
     # > 0: truncated importance sampling, each token's policy loss weighted by min(pi_old / pi_rollout, tis_cap)
     # with the log-probs vLLM reports for its samples (the rollout/trainer mismatch; verl and TRL offer it)
     tis_cap: float = number(0.0, low=0)
+    # With several processes: shard the policy and reference over them (FSDP2), for a policy too large for one GPU
+    fsdp: bool = False
     grad_clip: float = number(1.0, above=0)
     clip_low: float = number(0.2, low=0, below=1)
     clip_high: float = number(0.2, low=0)
@@ -426,6 +428,9 @@ class RLConfig(_Section):
     def __post_init__(self):
         self.bf16_autocast = bf16_setting(self.bf16_autocast, "rl.bf16_autocast")
         super().__post_init__()
+        if self.fsdp and (self.lora or algos.ALGORITHMS[self.algorithm].needs_critic or self.micro_batch_tokens):
+            raise ConfigError("rl.fsdp shards a fully fine-tuned policy without a critic, in micro-batches of rows: not "
+                              "with rl.lora, rl.algorithm: ppo or rl.micro_batch_tokens (not implemented yet)")
         if self.micro_batch_size > self.mini_batch_size:
             raise ConfigError(f"rl.micro_batch_size ({self.micro_batch_size}) must be at most rl.mini_batch_size "
                               f"({self.mini_batch_size}): a micro-batch is a part of a mini-batch")

@@ -6,6 +6,10 @@ the counts of the *global* mini-batch (``all_sum``), so the sum of the processes
 (``all_reduce_grads``) is the gradient of one pass over the global mini-batch, whatever the aggregation
 mode: the same rule that makes micro-batches exact (``algos.Counts``). Only the main process writes.
 
+With ``rl.fsdp`` the policy and reference are also sharded (FSDP2, ``shard``): each process holds a part of
+the weights, gradients and optimiser state, for a policy that does not fit one GPU whole; the whole weights are
+gathered (``full_state_dict``, every process taking part) for decoding, checkpoints and the saved policy.
+
 With one process (a notebook, ``python -m zslib.train_rl``) every function here is a no-op, so the
 single-process results do not change.
 """
@@ -89,3 +93,55 @@ def gather(obj) -> list:
 
 def _device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- sharding (FSDP2), ``rl.fsdp``
+
+def shard(model):
+    """Shard ``model`` over the processes with FSDP2: each decoder layer is a unit of its own (its weights
+    gathered just before it runs, freed after), the rest (embeddings, final norm, a tied output layer) the
+    root. Every process then holds 1/N of the weights, and so of the gradients and optimiser state."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in _decoder(model).layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model) -> dict:
+    """The whole weights, on every process (a collective when ``model`` is sharded: all must call it)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_state_dict(model, state: dict) -> None:
+    """Whole weights into ``model``, each process keeping its shard when it is sharded."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state keyed by parameter names, whole (a collective when ``model`` is sharded):
+    loadable by any number of processes, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _decoder(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()

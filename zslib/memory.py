@@ -285,14 +285,15 @@ def _padded(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def estimate(profile, gpus: int = 1, gpu_gb: float = 80.0, fsdp: bool = False, shape: dict | None = None,
+def estimate(profile, gpus: int = 1, gpu_gb: float = 80.0, fsdp: bool | None = None, shape: dict | None = None,
              device: str = "cuda", advice: bool = True) -> Estimate:
     """The peak memory per GPU of one RL step of ``profile`` on ``gpus`` GPUs of ``gpu_gb`` GiB (data parallel,
-    or with ``fsdp`` the policy, its gradients, optimiser state, reference and critic split over them, as FSDP
-    would: the trainer does not shard yet).
+    or with ``fsdp``, default ``rl.fsdp``, the policy, its gradients, optimiser state and reference split over
+    them).
     ``shape``: the policy's shape (default ``model_shape`` of the profile's policy). ``device="cpu"``
     counts AdamW's per-tensor step, as on a CPU, instead of the multi-tensor step of a GPU (for checks
     against CPU measurements)."""
+    fsdp = profile.rl.fsdp if fsdp is None else fsdp
     est = _estimate(profile, gpus, gpu_gb, fsdp, shape, device)
     if advice and not est.fits:
         est.advice = _advice(profile, gpus, gpu_gb, fsdp, shape, device, est)
@@ -535,7 +536,7 @@ def _options(profile, gpus: int, fsdp: bool) -> list[tuple[str, list[tuple[dict,
                                                                       "GPUs of its own)")]))
     out.append(("--gpus", [({"--gpus": n}, f"--gpus {n} (data parallel: fewer rows per GPU)")
                            for n in (2, 4, 8) if n > gpus]))
-    out.append(("--fsdp", [({"--fsdp": True, "--gpus": n}, f"--fsdp --gpus {n} (FSDP: not in the trainer yet)")
+    out.append(("--fsdp", [({"--fsdp": True, "--gpus": n}, f"--fsdp --gpus {n} (rl.fsdp: true, sharded over {n})")
                            for n in (2, 4, 8) if n > gpus or (n == gpus and not fsdp)]))
     return [(name, values) for name, values in out if values]
 
@@ -657,13 +658,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (an H100 80GB: 80)")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs the trainer runs on, one process each (data "
                     "parallel: each rolls out and trains on its share of the rows)")
-    ap.add_argument("--fsdp", action="store_true", help="what sharding the policy, gradients, optimiser state and "
-                    "reference over the GPUs would hold (FSDP; the trainer does not shard yet)")
+    ap.add_argument("--fsdp", action="store_true", help="shard the policy, gradients, optimiser state and reference "
+                    "over the GPUs (as -p rl.fsdp=true)")
     ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a profile override, e.g. -p rl.micro_batch_size=2 (repeatable)")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile, parse_overrides(args.overrides))
-    est = estimate(profile, gpus=args.gpus, gpu_gb=args.gpu_gb, fsdp=args.fsdp)
+    est = estimate(profile, gpus=args.gpus, gpu_gb=args.gpu_gb, fsdp=args.fsdp or None)
     print(est.table())
     return 0 if est.fits else 1
 

@@ -14,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from . import distributed
 from .generation.models import check_special_tokens, default_device, load_tokenizer, quiet_loading
 
 
@@ -51,6 +52,8 @@ def load_models(profile, needs_critic: bool, device: str | None = None) -> Polic
         # first update; a bf16 copy differs already in the norm layers' products.
         reference = AutoModelForCausalLM.from_pretrained(profile.policy_path, dtype=torch.float32)
         reference = reference.to(device).eval().requires_grad_(False)
+    if cfg.fsdp and distributed.active():  # each process keeps its shard of both (zslib/distributed.py)
+        policy, reference = distributed.shard(policy), distributed.shard(reference)
     critic = None
     if needs_critic:
         backbone = AutoModel.from_pretrained(cfg.critic_model or profile.policy_path, dtype=torch.float32)
@@ -114,7 +117,16 @@ def token_logprobs(model, input_ids, with_entropy: bool = False, chunk: int = 0)
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
         return _chosen_logprobs(logits, input_ids[:, 1:], with_entropy)
     body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    if distributed.is_sharded(model):
+        # Through the root's own forward, so that FSDP gathers the embeddings and the tied output layer, with the
+        # output layer made the identity for that call; it is applied below, chunk by chunk.
+        head.forward = lambda h: h
+        try:
+            hidden = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        finally:
+            del head.forward
+    else:
+        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     rows, width = hidden.shape[:2]
     hidden, targets = hidden.reshape(rows * width, -1), input_ids[:, 1:].reshape(-1)
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     best = T.use_best_policy()
     folder = T.save_policy()
     if distributed.is_main():
-        print(f"step {T.step_count} of {T.cfg.steps} on {T.world} process(es); policy "
+        print(f"step {T.step_count} of {T.cfg.steps} on {T.world} process(es){', sharded (FSDP)' if T.sharded else ''}; policy "
               f"{'of step ' + str(best['step']) + ' ' if best else ''}saved to {folder}")
 
 

@@ -201,6 +201,14 @@ def _gathered(group: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Te
     return merged, torch.tensor([x for p in parts for x in p[2]])
 
 
+def _by_name(model, state: dict) -> dict:
+    """An optimizer state saved by position (``optimizer.state_dict()`` of an unsharded run) keyed by
+    parameter names instead, as a sharded run loads it."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
 def _keep_until(path: Path, step: int) -> list[dict]:
     """Drop the lines a run wrote after its last checkpoint (it is resumed from there), and a last
     line cut off mid-write by the interruption; returns the rows kept."""
@@ -269,6 +277,10 @@ class RLTrainer:
         self.shuffle_rng = torch.Generator().manual_seed(profile.seed + 2)
         self.step_count = 0
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.sharded = distributed.is_sharded(self.policy)
+        # FSDP averages the processes' gradients; the losses are already divided by the global counts, so
+        # scaling by the number of processes makes that average the sum (as the unsharded path reduces them).
+        self._fsdp_scale = self.world if self.sharded else 1
         if cfg.questions_per_step % self.world or cfg.mini_batch_size % self.world:
             raise ValueError(f"rl.questions_per_step ({cfg.questions_per_step}) and rl.mini_batch_size "
                              f"({cfg.mini_batch_size}) must be multiples of the {self.world} processes")
@@ -445,7 +457,7 @@ class RLTrainer:
             self.critic_optimizer.zero_grad(set_to_none=True)
         for _, part in self._micro_batches(mini):
             loss, stats = self.loss(part, counts)
-            loss.backward()
+            (loss * self._fsdp_scale).backward()
             if self.critic is not None:
                 with self._autocast():
                     values = self.critic(part.input_ids)
@@ -456,8 +468,10 @@ class RLTrainer:
                 out[key] = out.get(key, 0.0) + value
         # Each process's part was divided by the global counts: the sums are the global mini-batch's.
         out = dict(zip(out, distributed.all_sum(list(out.values()))))
-        distributed.all_reduce_grads([*self.policy.parameters(), *(self.critic.parameters() if self.critic else [])])
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip).item()
+        if not self.sharded:  # FSDP has reduced them in the backward pass already
+            distributed.all_reduce_grads([*self.policy.parameters(), *(self.critic.parameters() if self.critic else [])])
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        out["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         self.optimizer.step()
         if self.critic is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
@@ -502,20 +516,25 @@ class RLTrainer:
         self.step_count = group.step
 
         validation = {}
-        if self.cfg.validate_every > 0 and (group.step % self.cfg.validate_every == 0 or group.step == self.cfg.steps) \
-                and distributed.is_main():  # the others go on to the next step's rollouts meanwhile
-            t0 = time.time()
-            validation = self.validate()
-            timing["validation"] = time.time() - t0
+        if self.cfg.validate_every > 0 and (group.step % self.cfg.validate_every == 0 or group.step == self.cfg.steps):
+            weights = self._whole_weights()  # every process takes part when the policy is sharded
+            if distributed.is_main():  # the others go on to the next step's rollouts meanwhile
+                t0 = time.time()
+                validation = self.validate(weights)
+                timing["validation"] = time.time() - t0
         group, scores = _gathered(group, batch.scores)  # the metrics describe every process's rollouts
         metrics = step_metrics(group, scores, self.cfg.group_size, update, self.scheduler.get_last_lr()[0],
                                validation, time.time() - start, timing)
         if distributed.is_main():
             append_jsonl(self.metrics_path, [metrics])
             append_jsonl(self.samples_path, self._samples(group, scores))
-            if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps:
-                self.save_checkpoint()
+        if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps:
+            self.save_checkpoint()  # every process takes part (FSDP gathers); the main one writes
         return metrics
+
+    def _whole_weights(self) -> dict | None:
+        """With a sharded policy, its whole weights (a collective); None otherwise (``save_pretrained`` reads them)."""
+        return distributed.full_state_dict(self.policy) if self.sharded else None
 
     def _samples(self, group: Rollouts, scores: torch.Tensor) -> list[dict]:
         """The first rollout of each of the first ``samples_per_step`` questions, for samples.jsonl."""
@@ -525,7 +544,7 @@ class RLTrainer:
                  "golden_answers": t.golden_answers, "calls": t.calls}
                 for t, s in zip(group.trajs[:n * g:g], scores[:n * g:g])]
 
-    def validate(self) -> dict:
+    def validate(self, weights: dict | None = None) -> dict:
         """Greedy scores on the validation questions with the real engine; with 2-hop validation
         questions, ``val_em`` is the mean of the 1-hop and 2-hop EMs, so a step that trades one kind
         for the other is not kept. A new best ``val_em`` (ties go to the earlier step) saves the policy
@@ -547,7 +566,7 @@ class RLTrainer:
             self.best_validation = (out["val_em"], self.step_count)
 
             def write(folder: Path) -> None:
-                self.policy.save_pretrained(str(folder))
+                self.policy.save_pretrained(str(folder), state_dict=weights)  # weights: the sharded policy's
                 (folder / "validation.json").write_text(json.dumps({"step": self.step_count, "val_em": out["val_em"]}))
 
             write_folder_atomic(self.best_dir / f"step-{self.step_count:06d}", write)
@@ -603,17 +622,25 @@ class RLTrainer:
         """Complete checkpoints, oldest first (an unfinished one keeps its ``.tmp`` name)."""
         return complete_folders(self.ckpt_dir)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """Policy (or adapter), critic, optimizers, schedulers, RNG states and step, written to a
-        temporary folder that is renamed when complete: a crash never leaves a half checkpoint."""
-        final = write_folder_atomic(self.ckpt_dir / f"step-{self.step_count:06d}", self._write_checkpoint)
+        temporary folder that is renamed when complete: a crash never leaves a half checkpoint. Every
+        process calls it (a sharded policy is gathered first); the main one writes, the others get None."""
+        weights = self._whole_weights()
+        # A sharded optimizer's state, whole and keyed by parameter names: any number of processes resumes it.
+        optimizer = {"optimizer_by_name": distributed.optimizer_state(self.policy, self.optimizer)} if self.sharded \
+            else {"optimizer": self.optimizer.state_dict()}
+        if not distributed.is_main():
+            return None
+        final = write_folder_atomic(self.ckpt_dir / f"step-{self.step_count:06d}",
+                                    lambda tmp: self._write_checkpoint(tmp, weights, optimizer))
         for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return final
 
-    def _write_checkpoint(self, tmp: Path) -> None:
-        self.policy.save_pretrained(str(tmp / "policy"))
-        state = {"step": self.step_count, "optimizer": self.optimizer.state_dict(),
+    def _write_checkpoint(self, tmp: Path, weights: dict | None, optimizer: dict) -> None:
+        self.policy.save_pretrained(str(tmp / "policy"), state_dict=weights)
+        state = {"step": self.step_count, **optimizer,
                  "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                  "question_rng": self.question_rng.getstate(), "noise_rng": self.noise_rng.get_state(),
                  "shuffle_rng": self.shuffle_rng.get_state()}
@@ -632,7 +659,11 @@ class RLTrainer:
         path = found[-1]
         self._load_policy_weights(path / "policy")
         state = torch.load(path / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_by_name" in state or self.sharded:
+            distributed.load_optimizer_state(self.policy, self.optimizer, state.get("optimizer_by_name")
+                                             or _by_name(self.policy, state["optimizer"]))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state:
@@ -656,15 +687,16 @@ class RLTrainer:
         else:
             from transformers import AutoModelForCausalLM
             saved = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-            self.policy.load_state_dict(saved.state_dict())
+            distributed.load_full_state_dict(self.policy, saved.state_dict())
         self.sync_weights()  # a vLLM engine still holds the weights it started with
 
     def save_policy(self, folder: str | Path | None = None) -> Path:
         """The trained policy (adapter merged) and tokenizer, loadable with ``from_pretrained``."""
         folder = Path(folder or self.run_dir / "policy")
+        weights = self._whole_weights()  # every process takes part when the policy is sharded
         if not distributed.is_main():
             return folder
         model = copy.deepcopy(self.policy).merge_and_unload() if self.cfg.lora else self.policy
-        model.save_pretrained(str(folder))
+        model.save_pretrained(str(folder), state_dict=weights)
         self.tokenizer.save_pretrained(str(folder))
         return folder

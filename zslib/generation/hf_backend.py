@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from .. import distributed
 from .models import special_token_ids, use_grouped_sdpa_on_cpu
 from ..prompts import STOP_STRINGS
 
@@ -21,6 +22,14 @@ MIN_SHARED_PREFIX = 16  # shorter common prefixes are encoded with each row (an 
 PREFILL_GROUPS = 4  # at most this many prefill calls per batch, each for rows of similar length
 MIN_PREFILL_GROUP = 8  # rows; a smaller group's call costs more than the padding it saves
 MIN_PREFILL_SAVING = 0.05  # a further group must save this share of the padded positions
+
+
+def _whole_copy(model, dtype):
+    """A sharded model's whole weights in a plain model of ``dtype`` on this process's device."""
+    from transformers import AutoModelForCausalLM
+    whole = AutoModelForCausalLM.from_config(model.config, dtype=dtype).to(next(model.parameters()).device)
+    whole.load_state_dict(distributed.full_state_dict(model))
+    return whole.eval().requires_grad_(False)
 
 
 class HFBackend:
@@ -42,7 +51,9 @@ class HFBackend:
         encodes all rows' new tokens in one call, padded to the longest."""
         self.source, self.tokenizer, self.stop_strings = model, tokenizer, stop_strings
         self.model = model
-        if dtype is not None and next(model.parameters()).dtype != getattr(torch, dtype):
+        if distributed.is_sharded(model):  # a sharded policy (rl.fsdp) cannot decode alone: a whole copy does
+            self.model = _whole_copy(model, getattr(torch, dtype or "float32"))
+        elif dtype is not None and next(model.parameters()).dtype != getattr(torch, dtype):
             self.model = copy.deepcopy(model).to(getattr(torch, dtype)).eval().requires_grad_(False)
         self.stop_in_generate, self.reuse_cache, self.share_prefix = stop_in_generate, reuse_cache, share_prefix
         self.prefill_groups = prefill_groups
@@ -75,7 +86,7 @@ class HFBackend:
         live model's new weights (cast to its dtype)."""
         self.release()
         if self.model is not self.source:
-            self.model.load_state_dict(self.source.state_dict())
+            self.model.load_state_dict(distributed.full_state_dict(self.source))  # every process, when sharded
 
     def sleep(self) -> None:
         """Before the update: the kept cache is the only memory this backend holds of its own."""

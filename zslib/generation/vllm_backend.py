@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..files import ROOT
 
 # key -> {"llm", "owner" (the backend whose weights it holds), "dir" (a temporary folder or None),
@@ -104,7 +105,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         finally:
             model.unmerge_adapter()
     else:
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        state = {k: v.detach() for k, v in distributed.full_state_dict(model).items()}  # whole, under rl.fsdp
     config = model.config
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
