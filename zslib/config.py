@@ -116,13 +116,17 @@ class DataConfig(_Section):
 @dataclass
 class SearchConfig(_Section):
     KEY = "search"
-    engine: str = choice("bm25", search.ENGINES)  # bm25 | web | none
+    engine: str = choice("bm25", search.ENGINES)  # bm25 | web | retriever | none
     topk: int = number(3, low=1)
     corpus_path: str | None = None       # None: the tiny world's corpus
     web_url: str = "https://google.serper.dev/search"
     web_provider: str = choice("serper", search.WEB_PROVIDERS)
     web_api_key_env: str = "SERPER_API_KEY"
     web_cache_dir: str | None = None
+    # engine: retriever, a server speaking Search-R1's protocol (POST {"queries", "topk", "return_scores"})
+    url: str = "http://127.0.0.1:8000/retrieve"
+    timeout_s: float = number(30.0, above=0)  # per request
+    retries: int = number(3, low=0)  # further tries after a timeout, a dropped connection or a 5xx answer
 
 
 @dataclass

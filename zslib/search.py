@@ -5,6 +5,8 @@
   saved next to a fingerprint of the corpus, so a changed corpus is re-indexed.
 - ``WebSearchEngine``: a SerpAPI/Serper-style HTTP API with an on-disk answer cache, retries
   with back-off, and the API key read from an environment variable (never stored).
+- ``RetrieverEngine``: the retrieval server the field already runs (Search-R1's ``/retrieve``: e5 and FAISS
+  over wiki-18, or BM25), shared by every process and notebook.
 - ``NullEngine``: returns nothing; measures what a policy knows without search.
 """
 
@@ -184,11 +186,78 @@ class WebSearchEngine:
             return list(pool.map(lambda q: self._search_one(q, topk), queries))
 
 
+class RetrieverError(RuntimeError):
+    pass
+
+
+class RetrieverEngine:
+    """The field's retrieval server (Search-R1's, also called by verl's and SkyRL's search examples): e5 and
+    FAISS over wiki-18, or BM25, behind ``POST <url>`` with ``{"queries", "topk", "return_scores"}``. It
+    answers, per query, ``{"document": {"id", "contents"}, "score"}`` entries (plain documents without
+    ``return_scores``), ``contents`` being the title line and the text.
+
+    One request per ``search`` call (a rollout turn's queries). A timeout, a dropped connection or a 5xx
+    answer is tried again ``retries`` times with doubling pauses; then, or at once for a 4xx answer or an
+    answer in another shape, the error names the URL."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5):
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        self.calls = 0  # requests answered
+
+    def _post(self, body: dict) -> dict:
+        import requests
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                reply = requests.post(self.url, json=body, timeout=self.timeout_s)
+            except requests.exceptions.Timeout:
+                problem = f"did not answer within {self.timeout_s:g} s"
+                continue
+            except requests.exceptions.ConnectionError as e:
+                problem = f"is not reachable ({type(e).__name__})"
+                continue
+            if reply.status_code >= 500:
+                problem = f"answered HTTP {reply.status_code}: {reply.text[:300]}"
+                continue
+            if reply.status_code >= 400:
+                raise RetrieverError(f"retrieval server {self.url} refused the request: HTTP {reply.status_code}: "
+                                     f"{reply.text[:300]}")
+            self.calls += 1
+            try:
+                return reply.json()
+            except ValueError:
+                raise RetrieverError(f"retrieval server {self.url} answered something that is not JSON: "
+                                     f"{reply.text[:300]!r}") from None
+        raise RetrieverError(f"retrieval server {self.url} {problem} ({self.retries + 1} tries). Start it (Search-R1's "
+                             "retrieval_server.py, or python -m zslib.serve_retriever), or set search.url")
+
+    def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
+        if not queries:
+            return []
+        answer = self._post({"queries": list(queries), "topk": topk, "return_scores": True})
+        results = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(results, list) or len(results) != len(queries):
+            raise RetrieverError(f"retrieval server {self.url}: expected {{\"result\": [one list per query]}} for "
+                                 f"{len(queries)} queries, got {str(answer)[:300]}")
+        return [[self._doc(entry, q) for entry in row[:topk]] for q, row in zip(queries, results)]
+
+    def _doc(self, entry, query: str) -> Doc:
+        document = entry.get("document", entry) if isinstance(entry, dict) else None
+        try:
+            return _doc_from_row(document, "")
+        except (TypeError, ValueError):
+            raise RetrieverError(f"retrieval server {self.url}: a result for {query!r} has no document with "
+                                 f"'contents' (or 'title' and 'text'): {str(entry)[:300]}") from None
+
+
 # ``search.engine``: (the profile's search section, corpus path, index folder) -> an engine.
 ENGINES = Registry("search.engine", {
     "bm25": lambda cfg, corpus_path, index_dir: BM25Engine(corpus_path or cfg.corpus_path, index_dir),
     "web": lambda cfg, corpus_path, index_dir: WebSearchEngine(cfg.web_url, cfg.web_api_key_env, cfg.web_provider,
                                                                cfg.web_cache_dir),
+    "retriever": lambda cfg, corpus_path, index_dir: RetrieverEngine(cfg.url, cfg.timeout_s, cfg.retries),
     "none": lambda cfg, corpus_path, index_dir: NullEngine(),
 })
 WEB_PROVIDERS = ("serper", "serpapi")  # search.web_provider
