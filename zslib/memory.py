@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import ROOT
+from .rl_models import padded_width
 
 GiB = 2 ** 30
 USABLE = 0.9  # of the GPU: the rest is for the CUDA context, allocator fragmentation and NCCL buffers
@@ -281,10 +282,6 @@ def _kv_bytes_per_token(s: dict, dtype_bytes: int) -> int:
     return 2 * s["num_hidden_layers"] * s["num_key_value_heads"] * s["head_dim"] * dtype_bytes
 
 
-def _padded(n: int, multiple: int = 64) -> int:
-    return -(-n // multiple) * multiple
-
-
 def estimate(profile, gpus: int = 1, gpu_gb: float = 80.0, fsdp: bool | None = None, shape: dict | None = None,
              device: str = "cuda", advice: bool = True) -> Estimate:
     """The peak memory per GPU of one RL step of ``profile`` on ``gpus`` GPUs of ``gpu_gb`` GiB (data parallel,
@@ -334,7 +331,7 @@ def _estimate(profile, gpus, gpu_gb, fsdp, shape, device) -> Estimate:
     # Rows and micro-batches per GPU (each process takes its share of the questions and of a mini-batch).
     rows = math.ceil(rl.questions_per_step * rl.group_size / gpus)
     mini_rows = max(1, rl.mini_batch_size // gpus)
-    width = _padded(ro.max_context)
+    width = padded_width(ro.max_context)
     if rl.micro_batch_tokens:  # a part holds the budget's padded tokens (a longer row alone), at most its rows
         budget = max(rl.micro_batch_tokens, width)
         positions, lp_positions = min(budget, min(mini_rows, rows) * width), min(budget, rows * width)
@@ -499,7 +496,7 @@ def _applied(profile, gpus: int, fsdp: bool, changes: dict):
 
 def _options(profile, gpus: int, fsdp: bool) -> list[tuple[str, list[tuple[dict, str]]]]:
     """Each setting that can lower the peak, with its values mildest first: ``(name, [(changes, text)])``."""
-    rl, ro, width = profile.rl, profile.rollout, _padded(profile.rollout.max_context)
+    rl, ro, width = profile.rl, profile.rollout, padded_width(profile.rollout.max_context)
     out = []
     if rl.micro_batch_tokens:
         out.append(("rl.micro_batch_tokens", [({"rl.micro_batch_tokens": n * width},

@@ -69,6 +69,11 @@ def _checkpointing(model, on: bool):
     return model
 
 
+def padded_width(length: int, multiple: int = 64) -> int:
+    """A row's width once padded: rounded up to ``multiple``, so kernels see few distinct shapes."""
+    return -(-length // multiple) * multiple
+
+
 def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64) -> dict:
     """Right-padded ``input_ids`` ``[B, T]``, the shifted ``mask`` ``[B, T-1]``, each row's real
     ``lengths`` ``[B]`` and the engine's ``rollout_logp`` ``[B, T-1]`` (or None).
@@ -79,7 +84,7 @@ def batch_tensors(trajs, pad_id: int, loss_mask: bool = True, multiple: int = 64
     With ``loss_mask=False`` (the ablation) every response token is trained, documents included;
     the prompt and padding never are.
     """
-    width = -(-max(len(t.token_ids) for t in trajs) // multiple) * multiple
+    width = padded_width(max(len(t.token_ids) for t in trajs), multiple)
     ids = torch.full((len(trajs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, t in enumerate(trajs):

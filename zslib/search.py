@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .files import read_jsonl
+from .http_client import post_json
 from .registry import Registry
 
 
@@ -205,33 +206,12 @@ class RetrieverEngine:
         self.calls = 0  # requests answered
 
     def _post(self, body: dict) -> dict:
-        import requests
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                reply = requests.post(self.url, json=body, timeout=self.timeout_s)
-            except requests.exceptions.Timeout:
-                problem = f"did not answer within {self.timeout_s:g} s"
-                continue
-            except requests.exceptions.ConnectionError as e:
-                problem = f"is not reachable ({type(e).__name__})"
-                continue
-            if reply.status_code >= 500:
-                problem = f"answered HTTP {reply.status_code}: {reply.text[:300]}"
-                continue
-            if reply.status_code >= 400:
-                raise RetrieverError(f"retrieval server {self.url} refused the request: HTTP {reply.status_code}: "
-                                     f"{reply.text[:300]}")
-            self.calls += 1
-            try:
-                return reply.json()
-            except ValueError:
-                raise RetrieverError(f"retrieval server {self.url} answered something that is not JSON: "
-                                     f"{reply.text[:300]!r}") from None
-        raise RetrieverError(f"retrieval server {self.url} {problem} ({self.retries + 1} tries). Start it (Search-R1's "
-                             "retrieval_server.py, or python -m zslib.serve_retriever), or set search.url")
+        answer = post_json(self.url, body, server="retrieval server", error=RetrieverError,
+                           hint="Start it (Search-R1's retrieval_server.py, for one), "
+                                "or set search.url", timeout_s=self.timeout_s, retries=self.retries,
+                           backoff_s=self.backoff_s)
+        self.calls += 1
+        return answer
 
     def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
         if not queries:

@@ -27,18 +27,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from . import config
-from .generation.vllm_backend import engine_args, prepare_environment
+from .generation.vllm_backend import checkpoint_dtype, engine_args, prepare_environment
 
 FLAGS = {"dtype": "--dtype", "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
          "seed": "--seed", "kv_cache_memory_bytes": "--kv-cache-memory-bytes",
          "gpu_memory_utilization": "--gpu-memory-utilization", "tensor_parallel_size": "--tensor-parallel-size",
          "data_parallel_size": "--data-parallel-size"}
-
-
-def _checkpoint_dtype(folder: Path) -> str:
-    """The dtype a folder's weights were saved in (vLLM's ``auto`` would serve fp32 weights in 16 bits)."""
-    cfg = json.loads((folder / "config.json").read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
 
 
 def command(profile, host: str | None = None, port: int | None = None, folder: str | Path | None = None) -> list[str]:
@@ -58,7 +52,7 @@ def command(profile, host: str | None = None, port: int | None = None, folder: s
         model, weights = [str(sim), "--served-model-name", name], sim
     else:
         raise FileNotFoundError(f"no fine-tuned simulator in {sim}: run notebook 03 first")
-    dtype = vcfg.dtype if vcfg.dtype != "auto" else (_checkpoint_dtype(weights) if weights else "auto")
+    dtype = vcfg.dtype if vcfg.dtype != "auto" else (checkpoint_dtype(weights) if weights else "auto")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *model,
            "--host", host, "--port", str(port)]
     for key, value in engine_args(vcfg, dtype).items():

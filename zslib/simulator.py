@@ -17,6 +17,7 @@ import torch
 
 from .curriculum import draw_noisy
 from .generation.models import check_special_tokens, load_tokenizer, quiet_loading
+from .http_client import post_json
 from .progress import tqdm
 from .prompts import render_simulator_prompt, simulator_user_message
 from .registry import Registry
@@ -102,32 +103,10 @@ class HTTPTransport:
         self._count = threading.Lock()  # replies arrive on several threads
 
     def _post(self, body: dict, url: str | None = None) -> dict:
-        import time
-
-        import requests
-        endpoint = f"{url or self.url}/completions"
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                reply = requests.post(endpoint, json=body, timeout=self.timeout_s)
-            except requests.exceptions.Timeout:
-                problem = f"did not answer within {self.timeout_s:g} s"
-                continue
-            except requests.exceptions.ConnectionError as e:
-                problem = f"is not reachable ({type(e).__name__})"
-                continue
-            if reply.status_code >= 500:
-                problem = f"answered HTTP {reply.status_code}: {reply.text[:300]}"
-                continue
-            if reply.status_code >= 400:
-                raise SimulatorServerError(f"simulator server {endpoint} refused the request: HTTP "
-                                           f"{reply.status_code}: {reply.text[:300]}")
-            return reply.json()
-        raise SimulatorServerError(
-            f"simulator server {endpoint} {problem} ({self.retries + 1} tries). Start it with "
-            "`python -m zslib.serve_simulator --profile <profile>`, or set simulator.serve: inprocess")
+        return post_json(f"{url or self.url}/completions", body, server="simulator server", error=SimulatorServerError,
+                         hint="Start it with `python -m zslib.serve_simulator --profile <profile>`, or set "
+                              "simulator.serve: inprocess", timeout_s=self.timeout_s, retries=self.retries,
+                         backoff_s=self.backoff_s)
 
     def complete(self, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
                  top_p: float) -> list[str]:

@@ -36,18 +36,13 @@ from .files import append_jsonl, complete_folders, read_jsonl, write_folder_atom
 from .generation.backends import backend_for
 from .progress import tqdm
 from .reward import REWARDS, exact_match, f1_score
-from .rl_models import PolicyModels, batch_tensors, load_models, token_logprobs
+from .rl_models import PolicyModels, batch_tensors, load_models, padded_width, token_logprobs
 from .rollout import Trajectory, engine_search_fn, hit_limit_rate, rollout
 from .search import make_engine
 from .simulator import engine_for, simulator_search_fn
 
 
 # ---------------------------------------------------------------- what the phases pass on
-
-def _padded(length: int, multiple: int = 64) -> int:
-    """A row's width once padded: rounded up to ``multiple`` (``batch_tensors``), so kernels see few shapes."""
-    return -(-length // multiple) * multiple
-
 
 @dataclass
 class Rollouts:
@@ -85,7 +80,7 @@ class Batch:
         ``batch_tensors``): a micro-batch of short rows does not pay for the batch's longest."""
         if self.lengths is None:
             return self
-        width = min(_padded(int(self.lengths.max()), multiple), self.input_ids.shape[1])
+        width = min(padded_width(int(self.lengths.max()), multiple), self.input_ids.shape[1])
         return Batch(**{k: v if v is None or v.dim() == 1 else v[:, :width - (k != "input_ids")]
                         for k, v in vars(self).items()})
 
@@ -379,7 +374,7 @@ class RLTrainer:
             return [(i, batch.rows(i).trimmed()) for i in torch.arange(rows).split(size)]
         parts, part = [], []
         for i in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
-            width = _padded(int(batch.lengths[part[0] if part else i]))  # the part's longest row comes first
+            width = padded_width(int(batch.lengths[part[0] if part else i]))  # the part's longest row comes first
             if part and (len(part) + 1) * width > cfg.micro_batch_tokens:
                 parts.append(part)
                 part = []

@@ -82,12 +82,16 @@ def sleep_mode_available() -> bool:
     return current_platform.is_sleep_mode_available()
 
 
-def _checkpoint_dtype(folder: str) -> str:
-    """The dtype a checkpoint was saved in (``config.json``), ``bfloat16`` when it does not say."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(folder)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
-    return str(dtype).removeprefix("torch.")
+def checkpoint_dtype(folder: str | Path) -> str:
+    """The dtype a checkpoint was saved in (``config.json``), ``bfloat16`` when it does not say (vLLM's
+    ``auto`` would serve fp32 weights in 16 bits)."""
+    local = Path(folder) / "config.json"
+    if local.exists():
+        config = json.loads(local.read_text())
+    else:  # a hub id
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(str(folder)).to_dict()
+    return str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
 
 
 def model_dtype(model, cfg) -> str:
@@ -218,7 +222,7 @@ class VLLMBackend:
         self.logprobs = logprobs
         if isinstance(model, (str, Path)):
             self.model, self.folder = None, str(model)
-            self.dtype = cfg.dtype if cfg.dtype != "auto" else (dtype or _checkpoint_dtype(self.folder))
+            self.dtype = cfg.dtype if cfg.dtype != "auto" else (dtype or checkpoint_dtype(self.folder))
             # The engine reads its end of sequence from the folder; the tokenizer we were given may have
             # had it corrected (models.check_special_tokens), so say it too.
             self.stop_token_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
