@@ -57,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(2)
     base_profile = config.load_profile(args.profile, json.loads(args.overrides))
     root = base_profile.rl_dir / "compare"
-    bm25 = search.make_engine(base_profile.search, base_profile.corpus_path, base_profile.out / "bm25")
+    bm25 = search.profile_engine(base_profile)
     sim = simulator.load_simulator(base_profile)
     n = base_profile.rl.eval_size
     results_path = root / "results.json"

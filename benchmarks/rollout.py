@@ -77,7 +77,7 @@ def main() -> None:
     rows = [r for r in data.load_for_profile(P, P.data.eval_sets[0], "test").to_list() if r.get("hops", 1) == 1]
     rows = rows[:args.questions]
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)
-    fn = rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"), P.search.topk)
+    fn = rollout.engine_search_fn(search.profile_engine(P), P.search.topk)
     cfg = P.rollout
     if args.batch_size:
         cfg.batch_size = args.batch_size

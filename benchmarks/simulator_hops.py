@@ -42,7 +42,7 @@ def main() -> None:
     rows = data.sample_questions(P, P.data.train_sets, "train", 10 ** 9, seed=P.seed)
     by_hops = {h: [r for r in rows if r.get("hops", 1) == h][:args.questions] for h in (1, 2)}
     model, tok = models.load_causal_lm(P.policy_path, P.models.dtype)
-    bm25 = search.make_engine(P.search, P.corpus_path, P.out / "bm25")
+    bm25 = search.profile_engine(P)
     sim = simulator.engine_for(P)
     search_fns = {"bm25": rollout.engine_search_fn(bm25, P.search.topk),  # k as in RL for each engine
                   "simulator, useful": simulator.simulator_search_fn(sim, P.simulator.topk, 0.0,  # noise 0

@@ -30,7 +30,7 @@ def rollouts(P, rows, batch_sizes: list[int]) -> list[dict]:
     from zslib import rollout, search
     from zslib.generation import backends, models
     model, tok = models.load_causal_lm(P.policy_path, "float32")
-    fn = rollout.engine_search_fn(search.make_engine(P.search, P.corpus_path, P.out / "bm25"), P.search.topk)
+    fn = rollout.engine_search_fn(search.profile_engine(P), P.search.topk)
     t0 = time.time()
     made = {"hf": backends.make_backend("hf", model, tok), "vllm": backends.make_backend("vllm", model, tok, vllm_cfg=P.vllm)}
     start = time.time() - t0

@@ -211,3 +211,47 @@ def test_compare_says_ahead_behind_or_level_and_whether_the_intervals_overlap():
                      "rl EM 0.700 against rag 0.680 on d (+0.020): ahead, but the intervals overlap.",
                      "rl EM 0.700 against direct 0.700 on d (+0.000): level, and the intervals overlap."]
     assert compare(rows, "ppo", ["base"], "d", "e") == ["ppo was not evaluated on d with e."]
+
+
+def test_engine_gaps_pair_the_questions_and_match_a_hand_computation():
+    from zslib.evaluate import engine_gaps, engine_gaps_markdown
+
+    def pred(engine, qid, right, searches):
+        return {"method": "m", "dataset": "d", "engine": engine, "id": qid, "question": f"q{qid}",
+                "golden_answers": ["yes"], "prediction": "yes" if right else "no", "searches": searches}
+
+    preds = [pred("bm25", i, r, s) for i, r, s in [(0, 1, 1), (1, 0, 1), (2, 0, 2), (3, 1, 0)]]
+    preds += [pred("sim", i, 1, 1) for i in (3, 2, 1, 0)]  # another order: paired by id
+    preds += [{**pred("sim", 9, 1, 1), "method": "only-sim"}]  # no real-engine row: no gap
+    (gap,) = engine_gaps(preds, "bm25")
+    assert (gap["method"], gap["engine"], gap["n"]) == ("m", "sim", 4)
+    assert gap["em_real"] == 0.5 and gap["em_engine"] == 1.0 and gap["gap"] == 0.5
+    assert gap["searches_real"] == 1.0 and gap["searches_engine"] == 1.0  # (1 + 1 + 2 + 0) / 4
+    lo, hi = gap["gap_ci"]  # differences 0, +1, +1, 0: resampled means lie in 0..1
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    # every question gained: the interval is exactly +1
+    all_gain = [pred("bm25", i, 0, 1) for i in range(5)] + [pred("sim", i, 1, 1) for i in range(5)]
+    (gain,) = engine_gaps(all_gain, "bm25")
+    assert gain["gap"] == 1.0 and gain["gap_ci"] == [1.0, 1.0]
+    assert "| m | d | sim (vs bm25) | 0.500 | 1.000 | +0.500 |" in engine_gaps_markdown([gap])
+
+
+def test_a_second_engine_gives_each_searching_method_a_gap_row(protocol_model, tokenizer, bm25):
+    from zslib import config, evaluate
+    from zslib.rollout import engine_search_fn
+    from zslib.search import NullEngine
+
+    model, rows = protocol_model
+    profile = config.load_profile("tiny")
+    engines = {"bm25": engine_search_fn(bm25, 3), "none": engine_search_fn(NullEngine(), 3)}
+    results, preds = evaluate.evaluate_all(profile, evaluate.baselines(model, tokenizer), {"one": rows[:12]}, engines)
+    assert [(r["method"], r["engine"]) for r in results] == [("direct", "bm25"), ("rag", "bm25"), ("base", "bm25"),
+                                                             ("rag", "none"), ("base", "none")]
+    gaps = {g["method"]: g for g in evaluate.engine_gaps(preds, "bm25")}
+    assert set(gaps) == {"rag", "base"}
+    by = {(r["method"], r["engine"]): r for r in results}
+    for method, g in gaps.items():
+        assert g["em_real"] == pytest.approx(by[(method, "bm25")]["em"])
+        assert g["em_engine"] == pytest.approx(by[(method, "none")]["em"])
+    # the protocol model answers from what it finds: with nothing found it loses most of its EM
+    assert gaps["base"]["em_real"] > 0.5 and gaps["base"]["gap_ci"][1] < 0

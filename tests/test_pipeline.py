@@ -103,8 +103,15 @@ def test_the_whole_pipeline_runs_all_six_notebooks_on_the_micro_profile(scratch_
     assert {r["dataset"] for r in results} == {"tiny 1-hop", "tiny 2-hop"}
     predictions = (P.out / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == sum(r["n"] for r in results)
+    # every searching method with the simulator too, side by side with BM25 (the simulator-to-real gap)
+    gaps = json.loads((P.out / "eval" / "engine_gaps.json").read_text())
+    assert gaps["real"] == "bm25"
+    assert {(g["method"], g["dataset"]) for g in gaps["gaps"]} == {
+        (m, d) for m in ("rag", "base", f"rl ({P.rl.algorithm})") for d in ("tiny 1-hop", "tiny 2-hop")}
+    assert {g["engine"] for g in gaps["gaps"]} == {"simulator (useful)"}
     figures = {p.name for p in (P.out / "figures").glob("*.png")}
     assert {"00_loss_curves.png", "04_collapse_signs.png", "05_results_bars.png", "05_cost_panel.png"} <= figures
     again = pipeline.run("micro", overrides=overrides, out=lambda s: None)
     assert all(r["skipped"] for r in again)
     assert "results (" in pipeline.summary("micro", overrides)
+    assert "| base | tiny 1-hop | simulator (useful) (vs bm25) |" in pipeline.summary("micro", overrides)

@@ -8,8 +8,9 @@ import pytest
 
 from zslib.evaluate import retrieval_recall
 from zslib.config import SearchConfig
+from zslib import search
 from zslib.search import (BM25Engine, Doc, RetrieverEngine, RetrieverError, WebSearchEngine, WebSearchError,
-                          format_docs, make_engine)
+                          format_docs, make_engine, read_corpus)
 
 
 def test_bm25_finds_the_gold_article_for_one_hop_questions(tiny_world, bm25):
@@ -32,7 +33,7 @@ def test_index_is_saved_reused_and_rebuilt_when_the_corpus_changes(tmp_path):
     corpus.write_text(json.dumps({"id": "1", "contents": '"Alpha"\nalpha is a letter'}) + "\n"
                       + json.dumps({"id": "2", "title": "Beta", "text": "beta follows alpha"}) + "\n")
     first = BM25Engine(corpus, tmp_path / "index")
-    assert (tmp_path / "index" / "corpus.sha256").exists()
+    assert json.loads((tmp_path / "index" / "stamp.json").read_text())["size"] == corpus.stat().st_size
     assert first.search(["letter"], 2)[0] == [Doc("Alpha", "alpha is a letter")]
     assert BM25Engine(corpus, tmp_path / "index").search(["follows"], 1)[0][0].title == "Beta"
     corpus.write_text(json.dumps({"id": "3", "title": "Gamma", "text": "gamma letter"}) + "\n")
@@ -236,3 +237,172 @@ def test_a_retriever_answer_of_another_shape_is_an_error_naming_the_url(search_r
     monkeypatch.setattr(engine, "_post", lambda body: {"results": []})
     with pytest.raises(RetrieverError, match=rf"{url}: expected .* for 1 queries"):
         engine.search(["capital"], 2)
+
+
+# ---------------------------------------------------------------- BM25 at scale: cached, lazy, shared
+
+
+class _CountingFile:
+    """A binary file whose reads are counted in ``counts`` (bytes and calls)."""
+
+    def __init__(self, f, counts):
+        self._f, self._counts = f, counts
+
+    def read(self, *args):
+        data = self._f.read(*args)
+        self._counts["bytes"] += len(data)
+        self._counts["reads"] += 1
+        return data
+
+    def __iter__(self):
+        for line in self._f:
+            self._counts["bytes"] += len(line)
+            yield line
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _count_corpus_reads(monkeypatch, corpus):
+    """Every byte ``zslib.search`` reads from ``corpus``, through ``open`` or ``os.pread``."""
+    counts = {"bytes": 0, "reads": 0}
+    real_open, real_pread = open, search.os.pread
+    fd_of_corpus = set()
+
+    def counting_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return _CountingFile(f, counts) if str(path) == str(corpus) else f
+
+    def counting_pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        if fd in fd_of_corpus:
+            counts["bytes"] += len(data)
+            counts["reads"] += 1
+        return data
+
+    real_os_open = search.os.open
+
+    def recording_os_open(path, *args):
+        fd = real_os_open(path, *args)
+        if str(path) == str(corpus):
+            fd_of_corpus.add(fd)
+        return fd
+
+    monkeypatch.setattr(search, "open", counting_open, raising=False)
+    monkeypatch.setattr(search.os, "pread", counting_pread)
+    monkeypatch.setattr(search.os, "open", recording_os_open)
+    return counts
+
+
+def test_a_cached_index_opens_without_reading_the_corpus(tiny_world, tmp_path, monkeypatch):
+    corpus = tiny_world["paths"]["corpus"]
+    size = corpus.stat().st_size
+    monkeypatch.setattr(search, "FINGERPRINT_BLOCK", 1024)
+    counts = _count_corpus_reads(monkeypatch, corpus)
+    BM25Engine(corpus, tmp_path / "index")
+    assert counts["bytes"] >= size  # building reads it all once
+    counts.update(bytes=0, reads=0)
+    engine = BM25Engine(corpus, tmp_path / "index")
+    print(f"corpus {size:,} bytes; opening the cached index read {counts['bytes']:,} bytes in {counts['reads']} reads")
+    assert counts["bytes"] <= 3 * 1024 < size // 20  # the fingerprint's three blocks, nothing else
+    assert engine.docs.bytes_read == 0
+    assert type(engine.retriever.scores["data"]).__name__ == "memmap"  # the index itself is memory-mapped
+    counts.update(bytes=0, reads=0)
+    docs = engine.search(["born"], 3)[0]
+    rows = [json.dumps(a) for a in tiny_world["articles"] if a["title"] in {d.title for d in docs}]
+    assert len(docs) == 3 and counts["reads"] == 3  # one read per document returned
+    assert counts["bytes"] == engine.docs.bytes_read == sum(len(r.encode()) + 1 for r in rows)
+
+
+def test_lazy_documents_and_threaded_queries_equal_an_eager_in_memory_index(tiny_world, bm25):
+    import bm25s
+
+    corpus = tiny_world["paths"]["corpus"]
+    eager = read_corpus(corpus)
+    assert len(bm25.docs) == len(eager) and [bm25.docs[i] for i in range(len(eager))] == eager
+    # the reference: one bm25s index over the passages held in memory, tokenized in one go
+    reference = bm25s.BM25()
+    reference.index(bm25s.tokenize([f"{d.title} {d.text}" for d in eager], stopwords="en", show_progress=False),
+                    show_progress=False)
+    questions = [r["question"] for r in tiny_world["splits"]["test"][:200]] + ["qqqzzz", "born"]
+    tokens = bm25s.tokenize(questions, stopwords="en", return_ids=False, show_progress=False)
+    ids, scores = reference.retrieve(tokens, k=3, show_progress=False)
+    expected = [[eager[i] for i, s in zip(r, c) if s > 0] for r, c in zip(ids.tolist(), scores.tolist())]
+    chunked = BM25Engine(corpus, None, threads=1, chunk=7)  # built in chunks of 7 passages
+    assert chunked.search(questions, 3) == expected
+    assert BM25Engine(corpus, None, threads=2).search(questions, 3) == expected
+    assert bm25.search(questions, 3) == expected
+
+
+def test_one_engine_per_process_until_the_corpus_changes(tmp_path):
+    from zslib.config import SearchConfig
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"title": "Alpha", "text": "alpha letter"}) + "\n")
+    cfg = SearchConfig(engine="bm25", corpus_path=str(corpus))
+    first = make_engine(cfg, None, tmp_path / "index")
+    assert make_engine(cfg, None, tmp_path / "index") is first
+    assert make_engine(SearchConfig(engine="bm25", corpus_path=str(corpus), topk=5), None, tmp_path / "index") is not first
+    corpus.write_text(json.dumps({"title": "Gamma", "text": "gamma letter"}) + "\n")
+    changed = make_engine(cfg, None, tmp_path / "index")
+    assert changed is not first and changed.search(["letter"], 1)[0][0].title == "Gamma"
+
+
+# ---------------------------------------------------------------- our retrieval server
+
+
+@pytest.fixture
+def our_server(bm25):
+    from zslib.serve_retriever import serve_in_thread
+    server, url = serve_in_thread(bm25)
+    yield url
+    server.shutdown()
+
+
+def test_our_server_gives_the_in_process_documents_in_search_r1s_format(our_server, bm25, tiny_world):
+    import requests
+    questions = [r["question"] for r in tiny_world["splits"]["test"][:64]] + ["qqqzzz"]
+    engine = RetrieverEngine(our_server)
+    assert engine.search(questions, 3) == bm25.search(questions, 3) and engine.calls == 1
+    raw = requests.post(our_server, json={"queries": ["born"], "topk": 2, "return_scores": True}, timeout=10).json()
+    (first, second), = raw["result"]
+    title = bm25.search(["born"], 2)[0][0].title
+    assert first["document"]["contents"].startswith(f'"{title}"\n') and first["score"] >= second["score"] > 0
+    assert first["document"]["id"] == next(a["id"] for a in tiny_world["articles"] if a["title"] == title)  # the row's own id
+    plain = requests.post(our_server, json={"queries": ["born"], "topk": 2}, timeout=10).json()["result"][0]
+    assert plain == [first["document"], second["document"]]
+    bad = requests.post(our_server, json={"queries": "born", "topk": 2}, timeout=10)
+    assert bad.status_code == 422 and "queries" in bad.json()["detail"]
+    assert requests.post(our_server, json={"queries": ["x"], "topk": 0}, timeout=10).status_code == 422
+    health = requests.get(our_server.replace("/retrieve", "/health"), timeout=10).json()
+    assert health == {"status": "ok", "passages": len(tiny_world["articles"])}
+    with pytest.raises(RetrieverError, match=r"retrieval server http://127\.0\.0\.1:\d+/nowhere .*404"):
+        RetrieverEngine(our_server.replace("/retrieve", "/nowhere"), retries=0).search(["born"], 1)
+
+
+def test_the_command_serves_the_profiles_corpus_and_a_profile_with_engine_retriever_asks_it(tiny_world, bm25, tmp_path):
+    """``python -m zslib.serve_retriever`` as a user starts it, and a profile switched to it by ``-p``-style overrides."""
+    import subprocess
+    import sys
+
+    from zslib import config
+    from zslib.files import ROOT
+    corpus = tiny_world["paths"]["corpus"]
+    proc = subprocess.Popen([sys.executable, "-m", "zslib.serve_retriever", "--profile", "micro", "--port", "0",
+                             "--index-dir", str(tmp_path / "index"), "-p", f"search.corpus_path={corpus}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {len(tiny_world['articles']):,} passages"), line
+        url = line.split(" at ")[-1].strip()
+        P = config.load_profile("micro", {"search": {"engine": "retriever", "url": url, "corpus_path": str(corpus)}})
+        questions = [r["question"] for r in tiny_world["splits"]["test"][:32]]
+        assert search.profile_engine(P).search(questions, P.search.topk) == bm25.search(questions, P.search.topk)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

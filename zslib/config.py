@@ -119,6 +119,7 @@ class SearchConfig(_Section):
     engine: str = choice("bm25", search.ENGINES)  # bm25 | web | retriever | none
     topk: int = number(3, low=1)
     corpus_path: str | None = None       # None: the tiny world's corpus
+    threads: int = number(0, low=0)      # bm25: threads scoring a batch of queries; 0: one per core
     web_url: str = "https://google.serper.dev/search"
     web_provider: str = choice("serper", search.WEB_PROVIDERS)
     web_api_key_env: str = "SERPER_API_KEY"

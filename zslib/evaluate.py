@@ -4,10 +4,13 @@ harness of notebook 05 (methods × datasets × engines, with bootstrap intervals
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .files import write_jsonl, write_text_atomic
 from .generation.backends import backend_for
@@ -15,7 +18,8 @@ from .progress import tqdm
 from .prompts import direct_user_message, information_block, rag_user_message, render_policy_prompt, render_user_prompt
 from .reward import cover_exact_match, exact_match, f1_score, valid_format
 from .rollout import Trajectory, engine_search_fn, hit_limit_rate, rollout
-from .search import NullEngine
+from .search import NullEngine, make_engine, profile_engine
+from .simulator import engine_for, simulator_search_fn
 
 
 def retrieval_recall(engine, rows: list[dict], topk: int, batch_size: int = 256) -> float:
@@ -261,13 +265,16 @@ def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]]
                  seed: int | None = None) -> tuple[list[dict], list[dict]]:
     """Every (method, dataset, engine): result rows and one prediction per question.
 
-    ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``). With several datasets,
-    each (method, engine) also gets an ``average`` row (the datasets' unweighted mean, as papers report).
+    ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``); ``direct``, which never
+    searches, runs with the first only. With several datasets, each (method, engine) also gets an
+    ``average`` row (the datasets' unweighted mean, as papers report).
     """
     seed = profile.seed if seed is None else seed
     rows, preds = [], []
-    for engine_name, hook in engines.items():
+    for e, (engine_name, hook) in enumerate(engines.items()):
         for method in methods:
+            if method.style == "direct" and e > 0:  # it never searches: one engine tells all
+                continue
             per_set = []
             for set_name, questions in datasets.items():
                 trajs = run_method(method, questions, hook, profile, desc=f"{method.name}, {set_name}, {engine_name}")
@@ -281,6 +288,62 @@ def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]]
                 mean["n"] = sum(r["n"] for r in per_set)
                 rows.append({"method": method.name, "dataset": "average", "engine": engine_name, **mean})
     return rows, preds
+
+
+SIMULATOR_USEFUL = "simulator (useful)"  # notebook 05's label: the fine-tuned simulator, useful documents only
+
+
+def evaluation_engines(profile, simulator_engine: bool = True, retriever_url: str | None = None) -> dict:
+    """The engines notebook 05 evaluates with, as rollout hooks by label: the profile's real engine (labelled
+    by ``search.engine``); a retrieval server speaking Search-R1's protocol at ``retriever_url`` (``retriever``);
+    and, with ``simulator_engine``, the fine-tuned simulator asked for useful documents only
+    (``SIMULATOR_USEFUL``: written knowing the gold answer, so an optimistic figure, not a real engine's)."""
+    engines = {profile.search.engine: engine_search_fn(profile_engine(profile), profile.search.topk)}
+    if retriever_url:
+        server = make_engine(dataclasses.replace(profile.search, engine="retriever", url=retriever_url))
+        engines["retriever" if profile.search.engine != "retriever" else f"retriever ({retriever_url})"] = \
+            engine_search_fn(server, profile.search.topk)
+    if simulator_engine:
+        sim = engine_for(profile, variant="finetuned")
+        engines[SIMULATOR_USEFUL] = simulator_search_fn(sim, profile.simulator.topk, 0.0,
+                                                        torch.Generator().manual_seed(profile.seed),
+                                                        profile.simulator.hop_hints)
+    return engines
+
+
+def engine_gaps(preds: list[dict], real: str, seed: int = 0) -> list[dict]:
+    """Each (method, dataset) evaluated with the ``real`` engine and another, side by side: EM under both,
+    the gap (other minus real) with a 95% paired bootstrap interval (the same questions under both engines,
+    resampled together), and the searches per question under each. A gap whose interval excludes 0 means
+    the method's score depends on which engine it was given."""
+    by: dict[tuple, dict] = {}
+    for p in preds:
+        by.setdefault((p["method"], p["dataset"], p["engine"]), {})[p["id"] if p["id"] is not None else p["question"]] = p
+    out = []
+    for (method, dataset, engine), answered in by.items():
+        base = by.get((method, dataset, real))
+        if engine == real or base is None:
+            continue
+        keys = [k for k in base if k in answered]
+        real_em = [exact_match(base[k]["prediction"], base[k]["golden_answers"]) for k in keys]
+        other_em = [exact_match(answered[k]["prediction"], answered[k]["golden_answers"]) for k in keys]
+        n = max(1, len(keys))
+        out.append({"method": method, "dataset": dataset, "engine": engine, "real": real,
+                    "em_real": sum(real_em) / n, "em_engine": sum(other_em) / n,
+                    "gap": (sum(other_em) - sum(real_em)) / n,
+                    "gap_ci": bootstrap_ci([o - r for o, r in zip(other_em, real_em)], seed=seed),
+                    "searches_real": sum(base[k]["searches"] for k in keys) / n,
+                    "searches_engine": sum(answered[k]["searches"] for k in keys) / n, "n": len(keys)})
+    return out
+
+
+def engine_gaps_markdown(gaps: list[dict]) -> str:
+    head = ("| method | dataset | engine | EM, real | EM, engine | gap | 95% interval | searches/q, real "
+            "| searches/q, engine | n |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + "\n".join(
+        f"| {g['method']} | {g['dataset']} | {g['engine']} (vs {g['real']}) | {g['em_real']:.3f} | {g['em_engine']:.3f} | "
+        f"{g['gap']:+.3f} | {g['gap_ci'][0]:+.3f} to {g['gap_ci'][1]:+.3f} | {g['searches_real']:.2f} | "
+        f"{g['searches_engine']:.2f} | {g['n']} |" for g in gaps) + "\n"
 
 
 def results_markdown(rows: list[dict]) -> str:

@@ -183,6 +183,9 @@ def summary(profile: str, overrides: dict | None = None) -> str:
     results = P.out / "eval" / "results.md"
     if results.exists():
         lines += [f"results ({results}):", results.read_text()]
+    gaps = P.out / "eval" / "engine_gaps.md"
+    if gaps.exists():
+        lines += [f"engine against engine ({gaps}):", gaps.read_text()]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 - ``BM25Engine``: a real local engine (bm25s) over a corpus JSONL, the tiny world's articles
   or a Wikipedia dump in Search-R1's ``{"id", "contents"}`` form. The index is built once and
-  saved next to a fingerprint of the corpus, so a changed corpus is re-indexed.
+  saved with a fingerprint of the corpus, so a changed corpus is re-indexed; a cached one opens
+  memory-mapped, and documents are read from the corpus only when a search returns them.
 - ``WebSearchEngine``: a SerpAPI/Serper-style HTTP API with an on-disk answer cache, retries
   with back-off, and the API key read from an environment variable (never stored).
 - ``RetrieverEngine``: the retrieval server the field already runs (Search-R1's ``/retrieve``: e5 and FAISS
@@ -15,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,49 +63,149 @@ def read_corpus(path: str | Path) -> list[Doc]:
     return [_doc_from_row(row, f"{path}, row {n}") for n, row in enumerate(read_jsonl(path), 1)]
 
 
-def _fingerprint(path: Path) -> str:
+INDEX_FORMAT = "zslib-bm25/2"  # what the stamp promises: bm25s, English stop words, lazy rows by byte offset
+
+
+FINGERPRINT_BLOCK = 1 << 20
+
+
+def fingerprint(path: str | Path, block: int | None = None) -> dict:
+    """A corpus's identity without reading it whole: size, modification time and a hash of its first,
+    middle and last ``block`` bytes (a 14 GB corpus is fingerprinted in milliseconds)."""
+    path, block = Path(path), block or FINGERPRINT_BLOCK
+    stat = path.stat()
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        for offset in sorted({0, max(0, stat.st_size // 2 - block // 2), max(0, stat.st_size - block)}):
+            f.seek(offset)
+            h.update(f.read(block))
+    return {"format": INDEX_FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample_sha256": h.hexdigest()}
+
+
+class CorpusRows:
+    """A corpus's rows read lazily by position: the byte offset where each row starts (held in memory or
+    memory-mapped from the index folder) and one ``pread`` per row asked for, so a corpus of millions of
+    passages is never held in Python objects. ``bytes_read`` counts what was read (tests and benchmarks)."""
+
+    def __init__(self, path: str | Path, offsets):
+        self.path, self.offsets = Path(path), offsets  # n + 1 offsets: row i is offsets[i]..offsets[i + 1]
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> dict:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        raw = os.pread(self._fd, end - start, start)
+        self.bytes_read += len(raw)
+        return json.loads(raw)
+
+    def doc(self, i: int) -> Doc:
+        return _doc_from_row(self.row(i), f"{self.path}, row {i + 1}")
+
+    def __getitem__(self, i: int) -> Doc:
+        return self.doc(i)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _scan_corpus(path: Path, chunk: int):
+    """(byte offsets of the rows, then chunks of the rows' "title text" strings), reading the file once.
+    Blank lines are skipped; a row that is not JSON, or has no title and text, is an error naming its line."""
+    offsets, texts = array("q"), []  # 8 bytes a row, not a Python int each
+    with open(path, "rb") as f:
+        position = 0
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    doc = _doc_from_row(json.loads(raw), f"{path}, row {n}")
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                offsets.append(position)
+                texts.append(f"{doc.title} {doc.text}")
+                if len(texts) == chunk:
+                    yield offsets, texts
+                    texts = []
+            position += len(raw)
+    offsets.append(position)
+    yield offsets, texts
 
 
 class BM25Engine:
-    """BM25 over a corpus; ``index_dir`` caches the index across runs and notebooks."""
+    """BM25 (bm25s) over a corpus JSONL; ``index_dir`` caches the index across runs, notebooks and processes.
 
-    def __init__(self, corpus_path: str | Path, index_dir: str | Path | None = None):
+    At scale: the corpus is read once, in chunks, to build (tokens become integer ids chunk by chunk); a
+    cached index opens from the folder alone (``fingerprint`` checks the corpus without reading it) with
+    its arrays memory-mapped, so processes on one machine share it through the page cache; documents are
+    read from the corpus by byte offset when a search returns them (``CorpusRows``); a batch of queries is
+    scored on ``threads`` threads (0: one per core)."""
+
+    def __init__(self, corpus_path: str | Path, index_dir: str | Path | None = None, threads: int = 0,
+                 chunk: int = 50_000):
         import bm25s
+        import numpy as np
 
         self._bm25s = bm25s
+        self.threads = threads or os.cpu_count() or 1
         corpus_path = Path(corpus_path)
-        self.docs = read_corpus(corpus_path)
-        if not self.docs:
-            raise ValueError(f"{corpus_path}: the corpus is empty")
-        fingerprint = _fingerprint(corpus_path)
-        stamp = Path(index_dir) / "corpus.sha256" if index_dir else None
-        if stamp is not None and stamp.exists() and stamp.read_text() == fingerprint:
-            self.retriever = bm25s.BM25.load(str(index_dir), show_progress=False)
-            return
-        self.retriever = bm25s.BM25()
-        tokens = bm25s.tokenize([f"{d.title} {d.text}" for d in self.docs], stopwords="en",
-                                show_progress=False)
-        self.retriever.index(tokens, show_progress=False)
-        if stamp is not None:
-            Path(index_dir).mkdir(parents=True, exist_ok=True)
-            self.retriever.save(str(index_dir), show_progress=False)
-            stamp.write_text(fingerprint)  # written last: a half-saved index is rebuilt
+        if not corpus_path.exists():
+            raise FileNotFoundError(f"{corpus_path}: no corpus there (search.corpus_path)")
+        stamp = Path(index_dir) / "stamp.json" if index_dir else None
+        expected = fingerprint(corpus_path)
+        if stamp is not None and stamp.exists() and json.loads(stamp.read_text()) == expected:
+            self.retriever = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
+            offsets = np.load(Path(index_dir) / "offsets.npy", mmap_mode="r")
+        else:
+            offsets = self._build(corpus_path, chunk)
+            if stamp is not None:
+                self._save(Path(index_dir), offsets, expected)
+        self.docs = CorpusRows(corpus_path, offsets)
 
-    def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
+    def _build(self, corpus_path: Path, chunk: int):
+        import numpy as np
+
+        vocab, ids = {}, []
+        for offsets, texts in _scan_corpus(corpus_path, chunk):
+            for tokens in self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False):
+                ids.append([vocab.setdefault(t, len(vocab)) for t in tokens])
+        if not ids:
+            raise ValueError(f"{corpus_path}: the corpus is empty")
+        self.retriever = self._bm25s.BM25()
+        self.retriever.index((ids, vocab), show_progress=False)
+        return np.frombuffer(offsets, dtype=np.int64)
+
+    def _save(self, index_dir: Path, offsets, expected: dict) -> None:
+        """Written whole into a folder of this process's own, then renamed: a reader, or another process
+        building the same index, never sees half of it."""
+        import numpy as np
+
+        tmp = index_dir.with_name(f"{index_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.retriever.save(str(tmp), show_progress=False)
+        np.save(tmp / "offsets.npy", offsets)
+        (tmp / "stamp.json").write_text(json.dumps(expected))
+        shutil.rmtree(index_dir, ignore_errors=True)
+        os.replace(tmp, index_dir)
+
+    def retrieve(self, queries: list[str], topk: int) -> list[list[tuple[int, float]]]:
+        """(row, score) of the best ``topk`` rows per query, best first; rows no query word matched
+        (score 0) are left out, as a real engine returns nothing there."""
         if not queries:
             return []
-        tokens = self._bm25s.tokenize(list(queries), stopwords="en", return_ids=False,
-                                      show_progress=False)
+        tokens = self._bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
         k = min(topk, len(self.docs))
-        ids, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        # A score of 0 means no query word matched: a real engine returns nothing there.
-        return [[self.docs[i] for i, s in zip(row_ids, row_scores) if s > 0]
+        threads = min(self.threads, len(queries))
+        ids, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=threads if threads > 1 else 0)
+        return [[(i, s) for i, s in zip(row_ids, row_scores) if s > 0]
                 for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
+
+    def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
+        return [[self.docs[i] for i, _ in hits] for hits in self.retrieve(queries, topk)]
 
 
 class WebSearchError(RuntimeError):
@@ -207,8 +310,8 @@ class RetrieverEngine:
 
     def _post(self, body: dict) -> dict:
         answer = post_json(self.url, body, server="retrieval server", error=RetrieverError,
-                           hint="Start it (Search-R1's retrieval_server.py, for one), "
-                                "or set search.url", timeout_s=self.timeout_s, retries=self.retries,
+                           hint="Start it (python -m zslib.serve_retriever --profile P, or Search-R1's "
+                                "retrieval_server.py), or set search.url", timeout_s=self.timeout_s, retries=self.retries,
                            backoff_s=self.backoff_s)
         self.calls += 1
         return answer
@@ -234,15 +337,29 @@ class RetrieverEngine:
 
 # ``search.engine``: (the profile's search section, corpus path, index folder) -> an engine.
 ENGINES = Registry("search.engine", {
-    "bm25": lambda cfg, corpus_path, index_dir: BM25Engine(corpus_path or cfg.corpus_path, index_dir),
+    "bm25": lambda cfg, corpus_path, index_dir: BM25Engine(corpus_path or cfg.corpus_path, index_dir, cfg.threads),
     "web": lambda cfg, corpus_path, index_dir: WebSearchEngine(cfg.web_url, cfg.web_api_key_env, cfg.web_provider,
                                                                cfg.web_cache_dir),
     "retriever": lambda cfg, corpus_path, index_dir: RetrieverEngine(cfg.url, cfg.timeout_s, cfg.retries),
     "none": lambda cfg, corpus_path, index_dir: NullEngine(),
 })
 WEB_PROVIDERS = ("serper", "serpapi")  # search.web_provider
+_SHARED: dict = {}  # this process's engines, by what built them
 
 
 def make_engine(cfg, corpus_path: str | Path | None = None, index_dir: str | Path | None = None) -> SearchEngine:
-    """The engine a profile's ``search`` section names (``ENGINES``): the one place engines are built."""
-    return ENGINES[cfg.engine](cfg, corpus_path, index_dir)
+    """The engine a profile's ``search`` section names (``ENGINES``): the one place engines are built.
+
+    One engine per process for the same settings: a notebook's steps, validation and evaluation share it
+    (a BM25 index over wiki-18 is opened once, not once per caller). A changed corpus gets a new engine."""
+    corpus = corpus_path or cfg.corpus_path
+    stamp = json.dumps(fingerprint(corpus)) if cfg.engine == "bm25" and corpus and Path(corpus).exists() else ""
+    key = (repr(cfg), str(corpus), str(index_dir), stamp)
+    if key not in _SHARED:
+        _SHARED[key] = ENGINES[cfg.engine](cfg, corpus_path, index_dir)
+    return _SHARED[key]
+
+
+def profile_engine(profile) -> SearchEngine:
+    """The profile's real engine (``search:``), its BM25 index cached in ``outputs/<profile>/bm25``."""
+    return make_engine(profile.search, profile.corpus_path, profile.out / "bm25")

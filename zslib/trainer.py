@@ -38,7 +38,7 @@ from .progress import tqdm
 from .reward import REWARDS, exact_match, f1_score
 from .rl_models import PolicyModels, batch_tensors, load_models, padded_width, token_logprobs
 from .rollout import Trajectory, engine_search_fn, hit_limit_rate, rollout
-from .search import make_engine
+from .search import profile_engine
 from .simulator import engine_for, simulator_search_fn
 
 
@@ -177,12 +177,23 @@ def make_engines(profile, engine=None, real=None, device: str | None = None) -> 
     simulated = profile.rl.engine == "simulator"
     if not simulated:
         engine = engine or real
-    if real is None and (not simulated or profile.rl.validate_every > 0):
-        real = engine if not simulated and engine is not None else \
-            make_engine(profile.search, profile.corpus_path, profile.out / "bm25")
+    # validation runs on the main process only; RL against the real engine needs it on every one
+    if real is None and (not simulated or (profile.rl.validate_every > 0 and distributed.is_main())):
+        real = engine if not simulated and engine is not None else _real_engine(profile, everywhere=not simulated)
     if engine is None:
         engine = engine_for(profile, device=device) if simulated else real
     return engine, real
+
+
+def _real_engine(profile, everywhere: bool):
+    """The profile's real engine; when every process needs it, the main process builds (or opens) it first
+    and the others open what it cached, rather than each building the same index at once."""
+    if not everywhere or distributed.world_size() == 1:
+        return profile_engine(profile)
+    if distributed.is_main():
+        profile_engine(profile)
+    distributed.barrier()
+    return profile_engine(profile)  # the main process's own, shared; the others open the cached index
 
 
 def _gathered(group: Rollouts, scores: torch.Tensor) -> tuple[Rollouts, torch.Tensor]:
