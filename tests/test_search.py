@@ -288,8 +288,8 @@ def _count_corpus_reads(monkeypatch, corpus):
 
     real_os_open = search.os.open
 
-    def recording_os_open(path, *args):
-        fd = real_os_open(path, *args)
+    def recording_os_open(path, *args, **kwargs):
+        fd = real_os_open(path, *args, **kwargs)
         if str(path) == str(corpus):
             fd_of_corpus.add(fd)
         return fd
@@ -322,6 +322,7 @@ def test_a_cached_index_opens_without_reading_the_corpus(tiny_world, tmp_path, m
 
 def test_lazy_documents_and_threaded_queries_equal_an_eager_in_memory_index(tiny_world, bm25):
     import bm25s
+    import numpy as np
 
     corpus = tiny_world["paths"]["corpus"]
     eager = read_corpus(corpus)
@@ -329,15 +330,22 @@ def test_lazy_documents_and_threaded_queries_equal_an_eager_in_memory_index(tiny
     # the reference: one bm25s index over the passages held in memory, tokenized in one go
     reference = bm25s.BM25()
     reference.index(bm25s.tokenize([f"{d.title} {d.text}" for d in eager], stopwords="en", show_progress=False),
-                    show_progress=False)
+                    show_progress=False)  # the whole corpus at once, bm25s's own way
     questions = [r["question"] for r in tiny_world["splits"]["test"][:200]] + ["qqqzzz", "born"]
     tokens = bm25s.tokenize(questions, stopwords="en", return_ids=False, show_progress=False)
     ids, scores = reference.retrieve(tokens, k=3, show_progress=False)
     expected = [[eager[i] for i, s in zip(r, c) if s > 0] for r, c in zip(ids.tolist(), scores.tolist())]
-    chunked = BM25Engine(corpus, None, threads=1, chunk=7)  # built in chunks of 7 passages
+    chunked = BM25Engine(corpus, None, threads=1, chunk=7)  # built in chunks of 7 passages, parts in memory
     assert chunked.search(questions, 3) == expected
     assert BM25Engine(corpus, None, threads=2).search(questions, 3) == expected
-    assert bm25.search(questions, 3) == expected
+    assert bm25.search(questions, 3) == expected  # built with its parts on disk, opened memory-mapped
+    # the chunked build is bm25s's own index, array for array, bit for bit
+    for name in ("data", "indices", "indptr"):
+        mine, theirs = np.asarray(chunked.retriever.scores[name]), reference.scores[name]
+        assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs), name
+    assert chunked.retriever.vocab_dict == reference.vocab_dict
+    hits = chunked.retrieve(questions, 3)
+    assert [[s for _, s in row] for row in hits] == [[s for s in c if s > 0] for c in scores.tolist()]
 
 
 def test_one_engine_per_process_until_the_corpus_changes(tmp_path):
@@ -406,3 +414,24 @@ def test_the_command_serves_the_profiles_corpus_and_a_profile_with_engine_retrie
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_chunked_build_matches_bm25s_with_empty_and_repeated_passages(tmp_path):
+    import bm25s
+    import numpy as np
+
+    texts = [("Alpha", "alpha alpha beta"), ("", "the of and"), ("Beta", "beta gamma gamma gamma"), ("Gamma", "gamma"),
+             ("Delta", "delta alpha the")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"title": t, "text": x}) + "\n\n" for t, x in texts))  # blank lines too
+    reference = bm25s.BM25()
+    reference.index(bm25s.tokenize([f"{t} {x}" for t, x in texts], stopwords="en", show_progress=False), show_progress=False)
+    for chunk in (1, 2, 50):
+        engine = BM25Engine(corpus, tmp_path / f"index-{chunk}", chunk=chunk)
+        engine = BM25Engine(corpus, tmp_path / f"index-{chunk}", chunk=chunk)  # the cached one
+        for name in ("data", "indices", "indptr"):
+            assert np.array_equal(np.asarray(engine.retriever.scores[name]), reference.scores[name]), (chunk, name)
+        assert engine.retriever.vocab_dict == reference.vocab_dict
+        assert [engine.docs[i] for i in range(5)] == [Doc(t, x) for t, x in texts]
+        assert [d.title for d in engine.search(["gamma alpha"], 5)[0]] == ["Gamma", "Alpha", "Beta", "Delta"]
+        assert engine.search(["the", "zzz"], 2) == [[], []]

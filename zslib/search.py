@@ -113,32 +113,39 @@ class CorpusRows:
             os.close(fd)
 
 
-def _scan_corpus(path: Path, chunk: int):
-    """(byte offsets of the rows, then chunks of the rows' "title text" strings), reading the file once.
-    Blank lines are skipped; a row that is not JSON, or has no title and text, is an error naming its line."""
-    offsets, texts = array("q"), []  # 8 bytes a row, not a Python int each
-    with open(path, "rb") as f:
-        position = 0
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                try:
-                    doc = _doc_from_row(json.loads(raw), f"{path}, row {n}")
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-                offsets.append(position)
-                texts.append(f"{doc.title} {doc.text}")
-                if len(texts) == chunk:
-                    yield offsets, texts
-                    texts = []
-            position += len(raw)
-    offsets.append(position)
-    yield offsets, texts
+class _CorpusScan:
+    """Chunks of the rows' "title text" strings, reading the file once; ``offsets`` holds where each row
+    starts (and, after the last chunk, where the file ends). Blank lines are skipped; a row that is not JSON,
+    or has no title and text, is an error naming its line."""
+
+    def __init__(self, path: Path, chunk: int):
+        self.path, self.chunk = path, chunk
+        self.offsets = array("q")  # 8 bytes a row, not a Python int each
+
+    def __iter__(self):
+        texts, position = [], 0
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    try:
+                        doc = _doc_from_row(json.loads(raw), f"{self.path}, row {n}")
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{self.path}, line {n}: not valid JSON ({e.msg})") from None
+                    self.offsets.append(position)
+                    texts.append(f"{doc.title} {doc.text}")
+                    if len(texts) == self.chunk:
+                        yield texts
+                        texts = []
+                position += len(raw)
+        self.offsets.append(position)
+        if texts:
+            yield texts
 
 
 class BM25Engine:
     """BM25 (bm25s) over a corpus JSONL; ``index_dir`` caches the index across runs, notebooks and processes.
 
-    At scale: the corpus is read once, in chunks, to build (tokens become integer ids chunk by chunk); a
+    At scale: the corpus is read once and indexed in chunks with bounded memory (``bm25_index``); a
     cached index opens from the folder alone (``fingerprint`` checks the corpus without reading it) with
     its arrays memory-mapped, so processes on one machine share it through the page cache; documents are
     read from the corpus by byte offset when a search returns them (``CorpusRows``); a batch of queries is
@@ -159,38 +166,35 @@ class BM25Engine:
         if stamp is not None and stamp.exists() and json.loads(stamp.read_text()) == expected:
             self.retriever = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
             offsets = np.load(Path(index_dir) / "offsets.npy", mmap_mode="r")
-        else:
-            offsets = self._build(corpus_path, chunk)
-            if stamp is not None:
-                self._save(Path(index_dir), offsets, expected)
+        elif stamp is None:
+            offsets = self._build(corpus_path, chunk, None)
+        else:  # built whole in a folder of this process's own, then renamed: a reader, or another process
+            index_dir = Path(index_dir)  # building the same index, never sees half of one
+            tmp = index_dir.with_name(f"{index_dir.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "parts").mkdir(parents=True)
+            offsets = self._build(corpus_path, chunk, tmp / "parts")
+            shutil.rmtree(tmp / "parts")
+            self.retriever.save(str(tmp), show_progress=False)
+            np.save(tmp / "offsets.npy", offsets)
+            (tmp / "stamp.json").write_text(json.dumps(expected))
+            shutil.rmtree(index_dir, ignore_errors=True)
+            os.replace(tmp, index_dir)
         self.docs = CorpusRows(corpus_path, offsets)
 
-    def _build(self, corpus_path: Path, chunk: int):
+    def _build(self, corpus_path: Path, chunk: int, parts_dir: Path | None):
+        """Index the corpus (``bm25_index.build``, bounded memory); returns the rows' byte offsets."""
         import numpy as np
 
-        vocab, ids = {}, []
-        for offsets, texts in _scan_corpus(corpus_path, chunk):
-            for tokens in self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False):
-                ids.append([vocab.setdefault(t, len(vocab)) for t in tokens])
-        if not ids:
+        from .bm25_index import build
+
+        scan = _CorpusScan(corpus_path, chunk)
+        tokenized = (self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+                     for texts in scan)
+        self.retriever = build(tokenized, parts_dir)
+        if self.retriever is None:
             raise ValueError(f"{corpus_path}: the corpus is empty")
-        self.retriever = self._bm25s.BM25()
-        self.retriever.index((ids, vocab), show_progress=False)
-        return np.frombuffer(offsets, dtype=np.int64)
-
-    def _save(self, index_dir: Path, offsets, expected: dict) -> None:
-        """Written whole into a folder of this process's own, then renamed: a reader, or another process
-        building the same index, never sees half of it."""
-        import numpy as np
-
-        tmp = index_dir.with_name(f"{index_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.retriever.save(str(tmp), show_progress=False)
-        np.save(tmp / "offsets.npy", offsets)
-        (tmp / "stamp.json").write_text(json.dumps(expected))
-        shutil.rmtree(index_dir, ignore_errors=True)
-        os.replace(tmp, index_dir)
+        return np.frombuffer(scan.offsets, dtype=np.int64)
 
     def retrieve(self, queries: list[str], topk: int) -> list[list[tuple[int, float]]]:
         """(row, score) of the best ``topk`` rows per query, best first; rows no query word matched
