@@ -3,6 +3,7 @@ rewards read only the policy's text, and an interrupted run resumes to the same 
 
 import copy
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -414,3 +415,52 @@ def test_run_figures_read_the_drop_on_1_hop_validation_and_report_2_hop_apart():
     figures = trainer.run_figures(both, 0.5, 0.9)
     assert figures["val_em_drop"] == 0.0 and figures["val_em_2hop_drop"] == pytest.approx(0.25)
     assert trainer.run_figures([], 0.5, 0.5)["val_em_drop"] is None
+
+
+def _guarded(policy_dir, action, lr, **guard):
+    profile = _profile(policy_dir, engine="bm25", steps=4, questions_per_step=2, group_size=3, mini_batch_size=6,
+                       validate_every=1, checkpoint_every=1, lr=lr, warmup_steps=0)
+    return dataclasses.replace(profile, guard=dataclasses.replace(profile.guard, action=action, **guard))
+
+
+def test_an_induced_collapse_is_caught_and_a_healthy_run_is_not_touched(policy_dir, protocol_model, bm25, tmp_path):
+    rows = protocol_model[1]
+    # a learning rate 100 times the one these tests train with: the first update wrecks the policy
+    wrecked = _run(_guarded(policy_dir, "stop", 1e-1, window=1), tmp_path / "wrecked", bm25, rows)
+    metrics = read_rows(wrecked.metrics_path)
+    assert len(metrics) < 4 and metrics[-1]["guard_action"] == "stop", [m.get("guard_signs") for m in metrics]
+    assert metrics[-1]["guard_signs"] and all("guard_action" not in m for m in metrics[:-1])
+    assert wrecked.checkpoints()[-1].name == f"step-{metrics[-1]['step']:06d}"  # stopped with a checkpoint
+    print("signs:", metrics[-1]["guard_signs"])
+    healthy = _run(_guarded(policy_dir, "stop", 1e-5, window=1), tmp_path / "healthy", bm25, rows)
+    assert [m["step"] for m in read_rows(healthy.metrics_path)] == [1, 2, 3, 4]
+    assert all("guard_action" not in m for m in read_rows(healthy.metrics_path))
+
+
+def test_a_rollback_restores_the_best_weights_and_lowers_the_learning_rate(policy_dir, protocol_model, bm25, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from zslib.files import complete_folders
+    rows = protocol_model[1]
+    only_validation = dict(entropy_rise=100.0, length_rise=100.0, invalid_rise=1.0, equal_groups_rise=1.0, kl_max=100.0)
+    t = _run(_guarded(policy_dir, "rollback", 1e-5, window=1, val_drop=0.1, max_rollbacks=1, **only_validation),
+             tmp_path / "run", bm25, rows, steps=2)
+    assert t.rollbacks == 0 and len(t.watched) == 2
+    best = complete_folders(t.best_dir)[-1]
+    best_em = json.loads((best / "validation.json").read_text())["val_em"]
+    with torch.no_grad():  # the weights move away from the best ones, as a collapse would take them
+        for p in t.policy.parameters():
+            p.add_(0.5)
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.step_count = 3
+    assert t.watch({"step": 3, "val_em": best_em - 0.2}) == "rollback"
+    saved = AutoModelForCausalLM.from_pretrained(str(best), dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in t.policy.state_dict().items() if k in saved)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.5) and not t.optimizer.state
+    assert t.watched == [] and t.rollbacks == 1
+    # the watch starts afresh: the same drop against a best it no longer sees is no sign; a second rollback
+    # past max_rollbacks is a stop
+    assert t.watch({"step": 4, "val_em": best_em - 0.2}) == "none"
+    assert t.watch({"step": 5, "val_em": best_em + 0.3}) == "none"
+    m = {"step": 6, "val_em": best_em}
+    assert t.watch(m) == "stop" and t.stop_requested and m["guard_signs"][0].startswith("validation EM")

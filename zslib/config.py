@@ -442,6 +442,26 @@ class RLConfig(_Section):
 
 
 @dataclass
+class GuardConfig(_Section):
+    """The collapse guard (``zslib/guard.py``): after every RL step, the signs that come before a GRPO
+    collapse, each against its bar. ``action``: ``off``; ``warn`` (log them in the metrics); ``stop`` (log,
+    checkpoint, end the run); ``rollback`` (back to the best-validated weights with the learning rate times
+    ``lr_factor``, at most ``max_rollbacks`` times, then stop). Rises compare the mean of the last ``window``
+    steps with the first ``window`` since the start or the last rollback."""
+    KEY = "guard"
+    action: str = choice("warn", ("off", "warn", "stop", "rollback"))
+    window: int = number(3, low=1)
+    entropy_rise: float = number(1.0, above=0)        # relative: the policy's token entropy doubled
+    invalid_rise: float = number(0.25, above=0)       # absolute: invalid actions per turn
+    equal_groups_rise: float = number(0.5, above=0)   # absolute: share of groups whose rewards are all equal
+    length_rise: float = number(1.0, above=0)         # relative: response tokens doubled
+    kl_max: float = number(1.0, above=0)              # KL to the reference, the last window's mean
+    val_drop: float = number(0.2, above=0)            # the last validation EM below the best by more than this
+    lr_factor: float = number(0.5, above=0, below=1)
+    max_rollbacks: int = number(2, low=0)
+
+
+@dataclass
 class ChecksConfig:
     """Expected ranges of the figures each notebook checks (zslib/checks.py): ``{figure: [low, high]}``,
     null for no bound. Empty: nothing checked (the GPU profiles, whose bars are not measured yet)."""
@@ -490,6 +510,7 @@ class Profile:
     labeling: LabelingConfig = field(default_factory=LabelingConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
 
     def __post_init__(self):
@@ -504,6 +525,9 @@ class Profile:
         if self.rollout.backend == "vllm" and self.vllm.max_model_len < self.rollout.max_context:
             raise ConfigError(f"vllm.max_model_len ({self.vllm.max_model_len}) must be at least rollout.max_context "
                               f"({self.rollout.max_context}) with rollout.backend: vllm")
+        if self.guard.action == "rollback" and not (self.rl.validate_every > 0 and self.rl.keep_best):
+            raise ConfigError("guard.action: rollback goes back to the best-validated weights: it needs "
+                              "rl.validate_every > 0 and rl.keep_best: true (or guard.action: stop)")
         simulator_vllm = self.simulator_vllm_config  # checked here, when the profile loads
         # vLLM runs data parallelism only as a server; the engines in this process are single copies
         if self.rollout.backend == "vllm" and self.vllm.data_parallel_size > 1:

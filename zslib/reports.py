@@ -103,6 +103,23 @@ def collapse_report(metrics: list[dict], drop_bar: float = 0.05, drop_bar_2hop: 
     return signs == 0, [verdict] + lines
 
 
+def guard_lines(metrics: list[dict], action: str) -> list[str]:
+    """What the collapse guard (``guard.action`` ``action``) found and did, one line per step it acted on."""
+    if action == "off":
+        return ["The collapse guard is off (guard.action: off)."]
+    acted = [m for m in metrics if m.get("guard_action")]
+    if not acted:
+        return [f"The collapse guard (guard.action: {action}) found no sign in any step."]
+    done = {"warn": "logged", "stop": "stopped the run", "rollback": "rolled back"}
+    lines = []
+    for m in acted:
+        what = done[m["guard_action"]]
+        if m["guard_action"] == "rollback":
+            what += f" to step {m['guard_rollback_to']}'s weights, learning rate now {m['guard_lr']:.2e}"
+        lines.append(f"step {m['step']}: {what}: " + "; ".join(m["guard_signs"]))
+    return lines
+
+
 # ---------------------------------------------------------------- notebook 04: training samples
 
 def sample_notes(sample: dict, tokenizer, question: dict | None = None) -> list[str]:

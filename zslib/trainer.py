@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import algos, distributed
+from . import algos, distributed, guard
 from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
@@ -276,6 +276,8 @@ class RLTrainer:
             "1hop": validation_questions(profile, cfg.validation_size, cfg.eval_size),
             "2hop": two_hop_validation_questions(profile) if cfg.validation_two_hop else []}
         self.best_validation = None  # (val_em, step) of the weights in best/
+        self.watched: list[dict] = []  # the steps the collapse guard reads: since the start or the last rollback
+        self.rollbacks, self.stop_requested = 0, False
 
         # Every source of randomness is seeded and saved in checkpoints.
         self.question_rng = random.Random(profile.seed)
@@ -531,12 +533,51 @@ class RLTrainer:
         group, scores = _gathered(group, batch.scores)  # the metrics describe every process's rollouts
         metrics = step_metrics(group, scores, self.cfg.group_size, update, self.scheduler.get_last_lr()[0],
                                validation, time.time() - start, timing)
+        self.watch(metrics)
         if distributed.is_main():
             append_jsonl(self.metrics_path, [metrics])
             append_jsonl(self.samples_path, self._samples(group, scores))
-        if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps:
+        if group.step % self.cfg.checkpoint_every == 0 or group.step == self.cfg.steps or self.stop_requested:
             self.save_checkpoint()  # every process takes part (FSDP gathers); the main one writes
         return metrics
+
+    GUARD_ACTIONS = ("none", "warn", "stop", "rollback")
+
+    def watch(self, metrics: dict) -> str:
+        """The collapse guard (``zslib/guard.py``, ``guard:``) after a step: the signs of collapse in the steps
+        since the start or the last rollback, logged in ``metrics`` (``guard_signs``, ``guard_action``), then,
+        by ``guard.action``, nothing more, a stop (``train`` ends after this step, with a checkpoint), or a
+        rollback: the best-validated weights back in the policy, the optimiser's moments cleared, the learning
+        rate times ``guard.lr_factor``, and the watch starting afresh. Returns the action taken."""
+        g = self.profile.guard
+        if g.action == "off":
+            return "none"
+        self.watched.append(metrics)
+        found = guard.signs(self.watched, g) if distributed.is_main() else []
+        action = guard.decide(found, g, self.rollbacks)
+        # the main process decides (only it validates); the others follow
+        action = self.GUARD_ACTIONS[int(distributed.all_sum([float(self.GUARD_ACTIONS.index(action))
+                                                             if distributed.is_main() else 0.0])[0])]
+        if action == "none":
+            return action
+        metrics.update(guard_signs=found, guard_action=action)
+        if action == "rollback":
+            best = complete_folders(self.best_dir)
+            if not best:  # no validation yet: nothing better to go back to
+                metrics["guard_action"] = action = "stop"
+            else:
+                self._load_policy_weights(best[-1])
+                self.optimizer.state.clear()  # moments of the steps that went wrong would push the same way
+                self.scheduler.base_lrs = [lr * g.lr_factor for lr in self.scheduler.base_lrs]
+                for group_, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                    group_["lr"] = lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+                self.rollbacks += 1
+                self.watched = []
+                metrics.update(guard_rollback_to=int(best[-1].name.split("-")[1]),
+                               guard_lr=self.optimizer.param_groups[0]["lr"])
+        if action == "stop":
+            self.stop_requested = True
+        return action
 
     def _whole_weights(self) -> dict | None:
         """With a sharded policy, its whole weights (a collective); None otherwise (``save_pretrained`` reads them)."""
@@ -611,6 +652,10 @@ class RLTrainer:
                     shutil.rmtree(folder)
             validated = [(m["val_em"], m["step"]) for m in kept if "val_em" in m]
             self.best_validation = max(validated, key=lambda v: (v[0], -v[1])) if validated else None
+            # the guard's watch resumes where it was: the steps since the last rollback, and the rollbacks made
+            since = max([i + 1 for i, m in enumerate(kept) if m.get("guard_action") == "rollback"], default=0)
+            self.watched, self.rollbacks = kept[since:], sum(m.get("guard_action") == "rollback" for m in kept)
+        self.stop_requested = False
         last = min(steps or self.cfg.steps, self.cfg.steps)
         out = []
         bar = tqdm(range(self.step_count, last), desc=f"RL ({self.cfg.algorithm}, {self.cfg.engine})",
@@ -619,6 +664,9 @@ class RLTrainer:
             m = self.step()
             out.append(m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", p=f"{m['noise_prob']:.2f}")
+            if self.stop_requested:
+                bar.write(f"the collapse guard stopped the run at step {m['step']}: " + "; ".join(m["guard_signs"]))
+                break
         distributed.barrier()  # the main process's last validation and checkpoint are on disk for all
         return out
 
