@@ -236,7 +236,7 @@ def test_engine_gaps_pair_the_questions_and_match_a_hand_computation():
     assert "| m | d | sim (vs bm25) | 0.500 | 1.000 | +0.500 |" in engine_gaps_markdown([gap])
 
 
-def test_a_second_engine_gives_each_searching_method_a_gap_row(protocol_model, tokenizer, bm25):
+def test_a_second_engine_gives_the_searching_policies_a_gap_row(protocol_model, tokenizer, bm25):
     from zslib import config, evaluate
     from zslib.rollout import engine_search_fn
     from zslib.search import NullEngine
@@ -246,9 +246,9 @@ def test_a_second_engine_gives_each_searching_method_a_gap_row(protocol_model, t
     engines = {"bm25": engine_search_fn(bm25, 3), "none": engine_search_fn(NullEngine(), 3)}
     results, preds = evaluate.evaluate_all(profile, evaluate.baselines(model, tokenizer), {"one": rows[:12]}, engines)
     assert [(r["method"], r["engine"]) for r in results] == [("direct", "bm25"), ("rag", "bm25"), ("base", "bm25"),
-                                                             ("rag", "none"), ("base", "none")]
+                                                             ("base", "none")]
     gaps = {g["method"]: g for g in evaluate.engine_gaps(preds, "bm25")}
-    assert set(gaps) == {"rag", "base"}
+    assert set(gaps) == {"base"}
     by = {(r["method"], r["engine"]): r for r in results}
     for method, g in gaps.items():
         assert g["em_real"] == pytest.approx(by[(method, "bm25")]["em"])

@@ -107,7 +107,7 @@ def test_the_whole_pipeline_runs_all_six_notebooks_on_the_micro_profile(scratch_
     gaps = json.loads((P.out / "eval" / "engine_gaps.json").read_text())
     assert gaps["real"] == "bm25"
     assert {(g["method"], g["dataset"]) for g in gaps["gaps"]} == {
-        (m, d) for m in ("rag", "base", f"rl ({P.rl.algorithm})") for d in ("tiny 1-hop", "tiny 2-hop")}
+        (m, d) for m in ("base", f"rl ({P.rl.algorithm})") for d in ("tiny 1-hop", "tiny 2-hop")}
     assert {g["engine"] for g in gaps["gaps"]} == {"simulator (useful)"}
     figures = {p.name for p in (P.out / "figures").glob("*.png")}
     assert {"00_loss_curves.png", "04_collapse_signs.png", "05_results_bars.png", "05_cost_panel.png"} <= figures

@@ -265,15 +265,15 @@ def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]]
                  seed: int | None = None) -> tuple[list[dict], list[dict]]:
     """Every (method, dataset, engine): result rows and one prediction per question.
 
-    ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``); ``direct``, which never
-    searches, runs with the first only. With several datasets, each (method, engine) also gets an
+    ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``); the policies that search as they
+    like (``base``, the trained ones) run with each, the ``direct`` and ``rag`` baselines with the first only. With several datasets, each (method, engine) also gets an
     ``average`` row (the datasets' unweighted mean, as papers report).
     """
     seed = profile.seed if seed is None else seed
     rows, preds = [], []
     for e, (engine_name, hook) in enumerate(engines.items()):
         for method in methods:
-            if method.style == "direct" and e > 0:  # it never searches: one engine tells all
+            if method.style != "protocol" and e > 0:  # the baselines' engine is the real one (direct never searches)
                 continue
             per_set = []
             for set_name, questions in datasets.items():
