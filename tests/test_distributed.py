@@ -21,12 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def profile_file(protocol_model, tokenizer, tiny_world, tmp_path_factory):
     """The tiny profile on the protocol model: 4 questions a step, greedy (so a rollout does not depend on
-    which process draws it), one rollout each (GRPO's advantage is then the reward), fp32."""
+    which process draws it), one rollout each (GRPO's advantage is then the reward), fp32. The questions are
+    the 16 the protocol model was trained on, so rewards are not all 0 (on other questions they can be, on a
+    CPU whose kernels round differently, and then nothing moves)."""
     folder = tmp_path_factory.mktemp("dist")
-    protocol_model[0].save_pretrained(str(folder / "policy"))
+    model, rows = protocol_model
+    model.save_pretrained(str(folder / "policy"))
     tokenizer.save_pretrained(str(folder / "policy"))
+    (folder / "questions").mkdir()
+    (folder / "questions" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     profile = {"extends": "tiny", "name": "dist-test", "models": {"policy": str(folder / "policy")},
-               "data": {"train_sets": [str(tiny_world["dir"])]},
+               "data": {"train_sets": [str(folder / "questions")]},
                "search": {"corpus_path": str(tiny_world["paths"]["corpus"])},
                "rollout": {"max_turns": 2, "max_tokens_per_turn": 40, "max_obs_tokens": 96, "temperature": 0.0},
                "rl": {"engine": "bm25", "steps": 5, "questions_per_step": 4, "group_size": 1, "mini_batch_size": 4,

@@ -165,10 +165,12 @@ def test_memory_bounded_updates_give_the_gradient_of_one_pass_over_the_mini_batc
             assert len(t._micro_batches(batch)) >= 2, name
     lengths = batch.lengths.tolist()
     assert max(lengths) > 2.5 * min(lengths)
+    # fp32 sums taken in another order: on an AVX2 CPU a small loss made of larger terms (seq-mean-token-sum)
+    # moved by 7e-5 of itself (4e-7), so the bars are 1e-4 / 1e-6; a wrong divisor moves it by whole percents
     for name in MEMORY_SAVERS:
         for a, b in zip(grads["one pass"], grads[name]):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
-        assert stats[name] == pytest.approx(stats["one pass"], rel=1e-5, abs=1e-7), name
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+        assert stats[name] == pytest.approx(stats["one pass"], rel=1e-4, abs=1e-6), name
 
 
 @pytest.mark.parametrize("lora", [False, True])
