@@ -555,7 +555,9 @@ class RLTrainer:
         self.watched.append(metrics)
         found = guard.signs(self.watched, g) if distributed.is_main() else []
         action = guard.decide(found, g, self.rollbacks)
-        # the main process decides (only it validates); the others follow
+        if action == "rollback" and not complete_folders(self.best_dir):
+            action = "stop"  # no validation yet: nothing better to go back to
+        # the main process decides (only it validates, and it has written best/ by now); the others follow
         action = self.GUARD_ACTIONS[int(distributed.all_sum([float(self.GUARD_ACTIONS.index(action))
                                                              if distributed.is_main() else 0.0])[0])]
         if action == "none":
@@ -563,18 +565,15 @@ class RLTrainer:
         metrics.update(guard_signs=found, guard_action=action)
         if action == "rollback":
             best = complete_folders(self.best_dir)
-            if not best:  # no validation yet: nothing better to go back to
-                metrics["guard_action"] = action = "stop"
-            else:
-                self._load_policy_weights(best[-1])
-                self.optimizer.state.clear()  # moments of the steps that went wrong would push the same way
-                self.scheduler.base_lrs = [lr * g.lr_factor for lr in self.scheduler.base_lrs]
-                for group_, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                    group_["lr"] = lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-                self.rollbacks += 1
-                self.watched = []
-                metrics.update(guard_rollback_to=int(best[-1].name.split("-")[1]),
-                               guard_lr=self.optimizer.param_groups[0]["lr"])
+            self._load_policy_weights(best[-1])
+            self.optimizer.state.clear()  # moments of the steps that went wrong would push the same way
+            self.scheduler.base_lrs = [lr * g.lr_factor for lr in self.scheduler.base_lrs]
+            for group_, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group_["lr"] = lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            self.rollbacks += 1
+            self.watched = []
+            metrics.update(guard_rollback_to=int(best[-1].name.split("-")[1]),
+                           guard_lr=self.optimizer.param_groups[0]["lr"])
         if action == "stop":
             self.stop_requested = True
         return action
