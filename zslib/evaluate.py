@@ -266,8 +266,9 @@ def evaluate_all(profile, methods: list[Method], datasets: dict[str, list[dict]]
     """Every (method, dataset, engine): result rows and one prediction per question.
 
     ``engines`` maps a label to a rollout search hook (``rollout.SearchFn``); the policies that search as they
-    like (``base``, the trained ones) run with each, the ``direct`` and ``rag`` baselines with the first only. With several datasets, each (method, engine) also gets an
-    ``average`` row (the datasets' unweighted mean, as papers report).
+    like (``base``, the trained ones) run with each, the ``direct`` and ``rag`` baselines with the first only.
+    With several datasets, each (method, engine) also gets an ``average`` row (the datasets' unweighted mean,
+    as papers report).
     """
     seed = profile.seed if seed is None else seed
     rows, preds = [], []
