@@ -69,6 +69,13 @@ def tokenizer_folder(site: Path | None) -> Path:
     return packaged_path("qwen3-tokenizer")
 
 
+def rehearsal_dtype(device: str) -> torch.dtype:
+    """bf16, as on the GPU, except on a CPU that would emulate it: there the rehearsal runs the same code in
+    fp32 (emulated bf16 made the reduced check take minutes; docs/results.md, issue 27)."""
+    from zslib.generation.models import fast_bf16
+    return torch.bfloat16 if device == "cuda" or fast_bf16(device)[0] else torch.float32
+
+
 def build_model(profile_name: str, folder: Path, tokenizer_dir: Path, reduced: bool, device: str) -> dict:
     """Qwen3 with random weights from ``configs/models/<name>.json``, saved (bf16) with the tokenizer in
     ``folder`` so that the trainer loads it as it loads any checkpoint. Returns the shape used."""
@@ -81,7 +88,7 @@ def build_model(profile_name: str, folder: Path, tokenizer_dir: Path, reduced: b
         shape.update(REDUCED_SHAPE)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it will run: seconds on a GPU for 1.7B parameters
-        model = Qwen3ForCausalLM(Qwen3Config(**shape)).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(Qwen3Config(**shape)).to(rehearsal_dtype(device))
     model.save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
     del model
@@ -142,6 +149,8 @@ def check(profile_name: str, work: Path, site: Path | None, reduced: bool, rollo
                  "data.eval_sets": ["tiny"], "search.engine": "bm25", "search.corpus_path": str(world["corpus"]),
                  "rl.engine": "bm25", "rl.validate_every": 0, "rollout.max_turns": 1,
                  "rollout.max_tokens_per_turn": rollout_tokens, **(REDUCED_RL if reduced else {})}
+    if rehearsal_dtype(device) == torch.float32:
+        overrides.update({"models.dtype": "float32", "rl.bf16_autocast": False})
     P = load_profile(profile_name, overrides)
     questions = normalize_rows(read_jsonl(world["train"]), str(world["train"]), "tiny", "train")
     engine = make_engine(P.search, P.corpus_path, folder / "bm25")
@@ -169,7 +178,7 @@ def check(profile_name: str, work: Path, site: Path | None, reduced: bool, rollo
         estimate = est.phases.get(name)
         phases[name] = {**got, "estimate_gib": None if estimate is None else estimate / GIB,
                         "ratio": None if not estimate else got["peak_gib"] * GIB / estimate}
-    return {"profile": profile_name, "reduced": reduced, "device": device,
+    return {"profile": profile_name, "reduced": reduced, "device": device, "dtype": P.models.dtype,
             "parameters": sum(p.numel() for p in t.policy.parameters()),
             "rows": len(group.trajs), "context": P.rollout.max_context, "generated_tokens": generated,
             "generated_tokens_per_s": generated / meter.results["rollout"]["seconds"],
@@ -178,7 +187,7 @@ def check(profile_name: str, work: Path, site: Path | None, reduced: bool, rollo
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['profile']} ({'reduced, ' if result['reduced'] else ''}{result['device']}): "
+    lines = [f"{result['profile']} ({'reduced, ' if result['reduced'] else ''}{result['device']}, {result['dtype']}): "
              f"{result['parameters'] / 1e9:.3f}B parameters, {result['rows']} rows of {result['context']} tokens, "
              f"{result['generated_tokens']} tokens generated at {result['generated_tokens_per_s']:.0f}/s, "
              f"step {result['step_seconds']:.1f} s",

@@ -201,10 +201,11 @@ class TinyConfig(_Section):
     memory_demos: int = number(4, low=0)
     guess_loss: bool = True          # False: a guessed answer in a demonstration carries no loss
     restate_topic: bool = False      # every later thought of a demonstration opens with its first thought
-    copy_warmup_steps: int = number(800, low=0)  # phase 1 of the simulator base: copy drills (tiny.recipes.copy_drills)
-    # Phase 1 of the policy base: long enough for copying to have formed on every seed and precision
-    # tried (it forms abruptly, at a step that varies with both; docs/results.md, issue 15).
-    policy_copy_warmup_steps: int = number(1600, low=0)
+    # Phase 1 of each base (copy drills, tiny.recipes.copy_drills): long enough for copying to have formed on
+    # every seed and precision tried (it forms abruptly, at a step that varies with both). At 800 steps it had
+    # not formed in fp32, for the policy base (docs/results.md, issue 15) and for the simulator base (issue 28).
+    copy_warmup_steps: int = number(1600, low=0)  # the simulator base's, names only
+    policy_copy_warmup_steps: int = number(1600, low=0)  # the policy base's, with years and titles
     copy_years: float = number(0.0, **PROBABILITY)   # share of the policy's copy drills' items that are years
     copy_titles: float = number(0.0, **PROBABILITY)  # share of the other items that are book or film titles
     copy_warmup_batch_tokens: int = number(1024, low=1)
