@@ -1,4 +1,4 @@
-"""The pipeline CLI: all six notebooks end to end on the micro profile, failures named by cell, skip and --force."""
+"""The pipeline CLI: all seven notebooks end to end on the micro profile, failures named by cell, skip and --force."""
 
 import json
 import shutil
@@ -78,12 +78,13 @@ def test_current_steps_are_skipped_until_an_input_changes_or_force(tmp_path, scr
     assert ran(forced) == ["01_step"] and [r["step"] for r in forced] == ["01_step"]
 
 
-def test_the_whole_pipeline_runs_all_six_notebooks_on_the_micro_profile(scratch_profile):
+def test_the_whole_pipeline_runs_all_seven_notebooks_on_the_micro_profile(scratch_profile):
     """Every numbered notebook, in order, from nothing: world, bases, collection, labels, simulator,
-    RL and evaluation (a few steps each), then a second run that skips them all."""
+    RL, evaluation (a few steps each) and ablations (none run yet), then a second run that skips them all;
+    then ablation runs on that run, and notebook 06 again."""
     overrides = {"name": scratch_profile}
     records = pipeline.run("micro", overrides=overrides, out=lambda s: None)
-    assert [r["step"] for r in records] == [s.name for s in pipeline.steps()] and len(records) == 6
+    assert [r["step"] for r in records] == [s.name for s in pipeline.steps()] and len(records) == 7
     assert not any(r["skipped"] for r in records)
     P = config.load_profile("micro", overrides)
     for step in pipeline.steps():
@@ -111,7 +112,45 @@ def test_the_whole_pipeline_runs_all_six_notebooks_on_the_micro_profile(scratch_
     assert {g["engine"] for g in gaps["gaps"]} == {"simulator (useful)"}
     figures = {p.name for p in (P.out / "figures").glob("*.png")}
     assert {"00_loss_curves.png", "04_collapse_signs.png", "05_results_bars.png", "05_cost_panel.png"} <= figures
+    shown = _outputs(P.out / "notebooks" / "06_ablations.ipynb")
+    assert "0 of 33 runs finished" in shown and "no ablation run has finished" in shown
     again = pipeline.run("micro", overrides=overrides, out=lambda s: None)
     assert all(r["skipped"] for r in again)
     assert "results (" in pipeline.summary("micro", overrides)
     assert "| base | tiny 1-hop | simulator (useful) (vs bm25) |" in pipeline.summary("micro", overrides)
+    _check_ablations(scratch_profile, P)
+
+
+def _outputs(path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", ""))
+                   for c in cells for o in c.get("outputs", []))
+
+
+def _check_ablations(scratch_profile: str, P) -> None:
+    """Two seeds of one family on the finished micro run: the reference at the profile's seed is notebook 04's
+    run, the others get folders of their own; a second call trains nothing; notebook 06 shows the tables."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ablations_bench", pipeline.ROOT / "benchmarks" / "ablations.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    overrides = {"name": scratch_profile}
+    args = ["--profile", "micro", "-p", f"name={scratch_profile}", "--families", "loss mask", "--seeds", "0", "1"]
+    out = bench.main(args)
+    root = P.out / "ablations"
+    assert sorted(p.parent.name for p in root.glob("*/eval.json")) == [
+        "loss_mask=False-s0", "loss_mask=False-s1", "reference-s0", "reference-s1"]
+    assert not (root / "reference-s0" / "rl").exists()  # notebook 04's run, not trained again
+    assert (root / "reference-s1" / "rl" / "metrics.jsonl").exists() and not (root / "reference-s1" / "rl" / "checkpoints").exists()
+    masked = [r for r in out["summary"] if r["variant"] == "off" and r["metric"] == "em"][0]
+    assert masked["seeds"] == [0, 1] and masked["paired_seeds"] == 2
+    mask_claims = [c for c in out["claims"] if c["claim"] == "the loss mask helps"]
+    assert [c["seeds"] for c in mask_claims] == [2, 2] and out["missing"] == []
+    stamp = (root / "reference-s1" / "eval.json").stat().st_mtime_ns
+    again = bench.main(args)  # finished runs are read back, not trained again
+    assert (root / "reference-s1" / "eval.json").stat().st_mtime_ns == stamp and again["summary"] == out["summary"]
+    pipeline.run("micro", overrides={**overrides}, start="06", force=True, out=lambda s: None)
+    # the notebook's own plan is every family: the 4 runs of this one are found
+    shown = _outputs(P.out / "notebooks" / "06_ablations.ipynb")
+    assert "4 of 33 runs finished" in shown and "| loss mask | off | 2 |" in shown
+    assert "the loss mask helps" in shown

@@ -380,7 +380,9 @@ class RLConfig(_Section):
     questions_per_step: int = number(8, low=1)
     group_size: int = number(8, low=1)  # rollouts per question (GRPO's group)
     max_hops: int = number(0, low=0)  # > 0: train only on questions with at most this many hops
-    engine: str = choice("simulator", ("simulator", "bm25"))  # bm25: the real engine (search:), for comparison
+    # simulator: the fine-tuned simulator; prompt_only: the simulator base prompted to play one (the paper's
+    # prompt-based baseline); bm25: the real engine (search:), for comparison
+    engine: str = choice("simulator", ("simulator", "prompt_only", "bm25"))
     reward: str = choice("f1", reward.REWARDS)
     loss_mask: bool = True            # False: <information> tokens get gradient too (ablation)
     curriculum: str = choice("exp", curriculum.SCHEDULES)
@@ -430,6 +432,11 @@ class RLConfig(_Section):
     validation_size: int = number(200, low=1)  # validation questions: the held-out split's last ones, never evaluated on
     validation_two_hop: bool = False  # also validate on the dev split's 2-hop questions; val_em is then the mean of both kinds
     keep_best: bool = True            # with validation: the saved policy is the best-validated step's, not the last
+
+    @property
+    def simulated(self) -> bool:
+        """Whether RL searches a simulator (which the curriculum's noise applies to)."""
+        return self.engine != "bm25"
 
     def __post_init__(self):
         self.bf16_autocast = bf16_setting(self.bf16_autocast, "rl.bf16_autocast")

@@ -4,7 +4,8 @@ over training, from easy (mostly useful documents) to hard.
     p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s),   i = 1..m
 
 ``b`` above 1 keeps p low for longer and rises late; ``b == 1`` is the linear limit. A constant
-schedule (always ``p_end``) is there for ablations.
+schedule (always ``p_end``) and a reversed one (the exponential backwards: noisy first) are there for
+ablations.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ SCHEDULES = Registry("rl.curriculum", {
     "exp": _exponential,
     "linear": _linear,
     "constant": lambda fraction, p_start, p_end, base: p_end,
+    # the exponential run backwards: noisy first, easing to p_start (an ablation: hard-to-easy)
+    "reversed": lambda fraction, p_start, p_end, base: _exponential(1 - fraction, p_start, p_end, base),
 })
 
 

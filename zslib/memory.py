@@ -460,7 +460,7 @@ def _engines(profile, s, gpu_bytes, gpus, total, notes) -> tuple[dict, dict]:
         notes.append(f"rollout: HF, dense KV cache {_size(kv)} ({rows} rows x {width:,} tokens)"
                      + (f"; a {profile.models.dtype} decoding copy, {_size(copy_bytes)}, in every phase"
                         if copy_bytes else ""))
-    if rl.engine == "simulator" and profile.simulator.serve == "inprocess":
+    if rl.simulated and profile.simulator.serve == "inprocess":
         sim = model_shape(profile.simulator_path, profile)
         sim_params = parameter_count(sim)
         if ro.backend == "vllm":
@@ -528,7 +528,7 @@ def _options(profile, gpus: int, fsdp: bool) -> list[tuple[str, list[tuple[dict,
                 for u in (0.25, 0.2, 0.15, 0.1) if u < profile.vllm.gpu_memory_utilization]))
     if not rl.lora:
         out.append(("rl.lora", [({"rl.lora": True}, "rl.lora: true (a LoRA adapter, not a full fine-tune)")]))
-    if rl.engine == "simulator" and profile.simulator.serve == "inprocess":
+    if rl.simulated and profile.simulator.serve == "inprocess":
         out.append(("simulator.serve", [({"simulator.serve": "http"}, "simulator.serve: http (the simulator on "
                                                                       "GPUs of its own)")]))
     out.append(("--gpus", [({"--gpus": n}, f"--gpus {n} (data parallel: fewer rows per GPU)")

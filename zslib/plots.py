@@ -316,3 +316,29 @@ def cost_panel(cost: dict):
     right.set_title(f"RL's searches: paid API against the simulator ({cost['rl_simulator_seconds']:.0f} s, "
                     + (f"{tokens:,} tokens)" if tokens is not None else "tokens not logged)"), fontsize=9)
     return _done(fig, "cost_panel")
+
+
+def ablation_family(rows: list[dict], family: str, base: dict | None = None):
+    """Notebook 06: one family's variants (rows of ``ablations.summary``), held-out 1-hop and 2-hop EM of the
+    kept policy: a bar at the mean over seeds, each seed's run as a dot, the base's EM as a dashed line."""
+    panels = [("em", "1-hop"), ("em_2hop", "2-hop")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (metric, kind) in zip(axes, panels):
+        found = [r for r in rows if r["family"] == family and r["metric"] == metric]
+        xs = range(len(found))
+        bars = ax.bar(xs, [r["mean"] for r in found], 0.6, color=[plt.cm.tab10(i % 10) for i in xs], alpha=0.75)
+        ax.bar_label(bars, [f"{r['mean']:.2f}" for r in found], fontsize=LABEL_SIZE, padding=2)
+        for i, r in zip(xs, found):
+            values = r.get("values") or []
+            ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        if base is not None:
+            value = base["em"] if metric == "em" else base.get("two_hop", {}).get("em")
+            if value is not None:
+                ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"base {value:.2f}")
+                ax.legend(fontsize=LABEL_SIZE, loc="upper right")
+        ax.set_xticks(list(xs), [r["variant"] + f"\n({len(r['seeds'])} seeds)" for r in found], fontsize=LABEL_SIZE)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("EM (share of questions)")
+        ax.set_title(f"{family}: held-out {kind} EM, real engine", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    return _done(fig, "ablation_family")

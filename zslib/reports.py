@@ -160,6 +160,10 @@ def prompt_question(text: str) -> str:
 
 # ---------------------------------------------------------------- notebook 04: the run, and base against trained
 
+ENGINE_NAMES = {"simulator": "fine-tuned simulator", "prompt_only": "prompt-only simulator (the simulator base)",
+                "bm25": "real engine (BM25)"}  # rl.engine's values in words
+
+
 def run_summary(metrics: list[dict], best: dict | None, engine: str) -> list[str]:
     """What ``train()`` did: validation EM by step, which weights are the trained policy, time and calls."""
     lines = []
@@ -172,7 +176,7 @@ def run_summary(metrics: list[dict], best: dict | None, engine: str) -> list[str
     seconds = sum(m["seconds"] for m in metrics)
     calls = sum(m.get("search_calls", 0) for m in metrics)
     lines.append(f"{len(metrics)} steps, {seconds / 60:.1f} min of training ({seconds / max(1, len(metrics)):.2f} s/step); "
-                 f"{calls:,} search calls, served by the {engine}")
+                 f"{calls:,} search calls, served by the {ENGINE_NAMES.get(engine, engine)}")
     split = {k: sum(m.get(f"{k}_seconds", 0.0) for m in metrics) / max(seconds, 1e-9)
              for k in ("rollout", "simulator", "logprobs", "update", "validation")}
     lines.append("time split: " + ", ".join(f"{k} {v:.0%}" for k, v in split.items()))

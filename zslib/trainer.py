@@ -174,14 +174,16 @@ def make_engines(profile, engine=None, real=None, device: str | None = None) -> 
     """(the engine RL searches, the real engine validation asks or None), building those not given:
     ``rl.engine``'s simulator (``simulator.engine_for``) or the profile's real engine, and the real
     engine whenever validation needs one (it never uses the simulator, docs/method.md §7)."""
-    simulated = profile.rl.engine == "simulator"
+    simulated = profile.rl.simulated
     if not simulated:
         engine = engine or real
     # validation runs on the main process only; RL against the real engine needs it on every one
     if real is None and (not simulated or (profile.rl.validate_every > 0 and distributed.is_main())):
         real = engine if not simulated and engine is not None else _real_engine(profile, everywhere=not simulated)
     if engine is None:
-        engine = engine_for(profile, device=device) if simulated else real
+        finetuned = profile.rl.engine == "simulator"
+        engine = (engine_for(profile, finetuned=finetuned, variant=None if finetuned else "prompt_only", device=device)
+                  if simulated else real)
     return engine, real
 
 
@@ -267,7 +269,7 @@ class RLTrainer:
         self.backend = (backend or (lambda model, tok: backend_for(profile, model, tok)))(self.policy, self.tokenizer)
 
         self.engine, self.real_engine = make_engines(profile, engine, real_engine, self.device)
-        self.topk = profile.simulator.topk if cfg.engine == "simulator" else profile.search.topk
+        self.topk = profile.simulator.topk if cfg.simulated else profile.search.topk
         if questions is None:
             questions = sample_questions(profile, profile.data.train_sets, "train", 10 ** 9, seed=profile.seed)
             questions = [q for q in questions if not cfg.max_hops or q.get("hops", 1) <= cfg.max_hops]
@@ -331,7 +333,7 @@ class RLTrainer:
         picked = self.question_rng.sample(self.questions, min(cfg.questions_per_step, len(self.questions)))
         picked = picked[self.rank::self.world]  # every process draws the same questions and takes its share
         rows = [q for q in picked for _ in range(cfg.group_size)]
-        simulated = cfg.engine == "simulator"
+        simulated = cfg.simulated
         p_noise = self.noise_probability(step) if simulated else 0.0
         inner = (simulator_search_fn(self.engine, self.topk, p_noise, self.noise_rng, self.profile.simulator.hop_hints)
                  if simulated else engine_search_fn(self.engine, self.topk))

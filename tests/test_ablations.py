@@ -1,0 +1,104 @@
+"""The ablations' plan and statistics against hand computations (the runs themselves: tests/test_pipeline.py)."""
+
+import math
+
+import pytest
+
+from zslib import ablations
+from zslib.curriculum import noise_probability
+
+
+def _result(overrides: dict, seed: int, em: float, em_2hop: float = 0.0, last_em: float | None = None) -> dict:
+    scores = {"em": em, "two_hop": {"em": em_2hop}}
+    last = scores if last_em is None else {"em": last_em, "two_hop": {"em": em_2hop}}
+    return {"overrides": {**overrides, "seed": seed}, "kept": scores, "last": last}
+
+
+def _results(table: dict[str, tuple[dict, list[float]]]) -> dict:
+    return {f"{ablations.slug(o)}-s{s}": _result(o, s, v) for o, values in table.values() for s, v in enumerate(values)}
+
+
+def test_the_plan_has_one_reference_per_seed_and_one_run_per_variant_and_seed():
+    plan = ablations.plan(["loss mask", "engine during RL"], seeds=[0, 1])
+    assert sorted(plan) == sorted(["reference-s0", "reference-s1", "loss_mask=False-s0", "loss_mask=False-s1",
+                                   "engine=prompt_only-s0", "engine=prompt_only-s1", "engine=bm25-s0", "engine=bm25-s1"])
+    assert plan["engine=bm25-s1"] == {"rl.engine": "bm25", "seed": 1} and plan["reference-s0"] == {"seed": 0}
+    assert len(ablations.plan(seeds=[0, 1, 2])) == 3 * (1 + 4 + 1 + 2 + 1 + 2)  # every family: 11 variants + the reference
+    with pytest.raises(ValueError, match="unknown ablation family 'masks'"):
+        ablations.plan(["masks"])
+
+
+def test_the_t_interval_is_the_textbook_one():
+    # [1, 2, 3]: mean 2, sd 1, standard error 1/sqrt(3), t(0.975, 2 df) = 4.303
+    mean, low, high = ablations.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert low == pytest.approx(2 - 4.303 / math.sqrt(3)) and high == pytest.approx(2 + 4.303 / math.sqrt(3))
+    assert ablations.t_interval([0.5]) == (0.5, 0.5, 0.5)
+    # two values: 1 df, t = 12.706; [0, 1]: sd sqrt(0.5), se 0.5
+    assert ablations.t_interval([0.0, 1.0])[2] == pytest.approx(0.5 + 12.706 * 0.5)
+
+
+def test_each_claim_gets_the_verdict_its_paired_interval_gives():
+    fam = ablations.FAMILIES
+    results = _results({
+        "reference": ({}, [0.6, 0.7, 0.8]),
+        "mask off": (fam["loss mask"]["off"], [0.5, 0.55, 0.7]),            # diffs .10 .15 .10: above 0
+        "prompt-only": (fam["engine during RL"]["prompt-only simulator"], [0.7, 0.82, 0.91]),  # -.10 -.12 -.11
+        "real": (fam["engine during RL"]["real engine"], [0.6, 0.72, 0.79]),  # 0 -.02 +.01: within 5 points
+        "none": (fam["curriculum"]["none (all useful)"], [0.5, 0.8, 0.75]),  # +.10 -.10 +.05: both ways
+    })
+    verdicts = {c["claim"]: c for c in ablations.claims(results)}
+    mask = verdicts["the loss mask helps"]
+    # diffs .10 .15 .10: mean .11667, sd .028868, half-width 4.303 x .028868 / sqrt(3) = .071717
+    assert mask["diff"] == pytest.approx(0.116667, abs=1e-6)
+    assert (mask["low"], mask["high"]) == pytest.approx((0.044950, 0.188384), abs=1e-5)
+    assert mask["verdict"] == "reproduced" and mask["seeds"] == 3
+    assert verdicts["a fine-tuned simulator trains better than a prompt-only one"]["verdict"] == "not reproduced"
+    real = verdicts["a fine-tuned simulator trains as well as the real engine"]
+    # diffs 0 -.02 .01: mean -.00333, sd .015275, half-width .037948: low -.0413 above -.05
+    assert real["low"] == pytest.approx(-0.041281, abs=1e-5) and real["verdict"] == "reproduced"
+    assert verdicts["a curriculum beats none"]["verdict"] == "undecided"
+    assert verdicts["easy-to-hard beats hard-to-easy"]["verdict"] == "not run"
+
+
+def test_the_summary_pairs_by_seed_and_transfer_compares_with_the_base():
+    off = ablations.FAMILIES["loss mask"]["off"]
+    results = _results({"reference": ({}, [0.6, 0.7, 0.8]), "off": (off, [0.5, 0.55])})  # seed 2 unfinished
+    rows = {(r["variant"], r["metric"]): r for r in ablations.summary(results, ["loss mask"])}
+    ref, variant = rows[("on", "em")], rows[("off", "em")]
+    assert ref["reference"] and "diff" not in ref and ref["seeds"] == [0, 1, 2]
+    assert ref["mean"] == pytest.approx(0.7) and ref["sd"] == pytest.approx(0.1) and (ref["min"], ref["max"]) == (0.6, 0.8)
+    assert variant["paired_seeds"] == 2 and variant["diff"] == pytest.approx(-0.125)  # (-.1 - .15) / 2
+    assert "| loss mask | off | 2 | 52.5 |" in ablations.markdown(list(rows.values()))
+    # gains over a base of .4: .2 .3 .4, mean .3, sd .1, half-width 4.303 x .1 / sqrt(3) = .24843
+    t = ablations.transfer(results, {"em": 0.4, "two_hop": {"em": 0.0}})
+    assert t["diff"] == pytest.approx(0.3) and t["low"] == pytest.approx(0.051570, abs=1e-5)
+    assert t["verdict"] == "reproduced"
+
+
+def test_the_last_step_is_read_apart_from_the_kept_one():
+    results = {"reference-s0": _result({}, 0, em=0.8, last_em=0.6)}
+    rows = {r["metric"]: r["mean"] for r in ablations.summary(results, ["reward"]) if r["variant"] == "F1"}
+    assert rows["em"] == 0.8 and rows["last_em"] == 0.6
+
+
+def test_the_reversed_curriculum_is_the_exponential_run_backwards():
+    m, p_end = 4, 0.3
+    reversed_ = [noise_probability(i, m, 0.0, p_end, 4.0, "reversed") for i in range(1, m + 1)]
+    # step 1: fraction 0.75 of the exponential backwards: (4^0.75 - 1) / 3 x 0.3; the last step: 0
+    assert reversed_[0] == pytest.approx((4 ** 0.75 - 1) / 3 * 0.3)
+    assert reversed_[-1] == 0.0 and reversed_ == sorted(reversed_, reverse=True)
+
+
+@pytest.mark.parametrize("engine,finetuned,variant", [("simulator", True, None), ("prompt_only", False, "prompt_only")])
+def test_rl_against_the_prompt_only_simulator_gets_the_base_with_that_prompt(monkeypatch, engine, finetuned, variant):
+    """``rl.engine: prompt_only`` is the paper's prompt-based baseline: the simulator base, not the fine-tuned
+    weights, with the prompt-only prompt; the curriculum's noise applies to it as to the fine-tuned one."""
+    from zslib import config, trainer
+    built = []
+    monkeypatch.setattr(trainer, "engine_for", lambda profile, **kw: built.append(kw) or "simulated")
+    P = config.load_profile("micro", {"rl.engine": engine, "rl.validate_every": 0})
+    assert P.rl.simulated
+    assert trainer.make_engines(P) == ("simulated", None)
+    assert built == [{"finetuned": finetuned, "variant": variant, "device": None}]
+    assert not config.load_profile("micro", {"rl.engine": "bm25"}).rl.simulated
