@@ -31,7 +31,7 @@ def test_bad_arguments_are_clear_errors():
         noise_probability(0, 10)
     with pytest.raises(ValueError, match="counts from 1"):
         noise_probability(11, 10)
-    with pytest.raises(ValueError, match="rl.curriculum must be one of exp, linear, constant, not .cosine."):
+    with pytest.raises(ValueError, match="rl.curriculum must be one of exp, linear, constant, reversed, not .cosine."):
         noise_probability(1, 10, schedule="cosine")
 
 

@@ -89,7 +89,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
     resumed there). Another finished run's weights are deleted unless ``keep_weights`` (its metrics, samples
     and ``eval.json`` stay).
     """
-    from . import config, simulator, trainer
+    from . import config, trainer
     from .evaluate import heldout_scores
     from .search import profile_engine
 
@@ -105,8 +105,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
             continue
         P = config.load_profile(profile_name, {**overrides, **run})
         if P.rl.engine not in engines:  # built when a run first needs it
-            engines[P.rl.engine] = simulator.engine_for(P, finetuned=P.rl.engine == "simulator",
-                                                        variant=None if P.rl.engine == "simulator" else "prompt_only")
+            engines[P.rl.engine] = trainer.rl_simulator(P)
         # The reference at the profile's own seed is notebook 04's run: trained there, or resumed there.
         own = all(k == "seed" for k in run) and run.get("seed", P0.seed) == P0.seed
         log(f"{name}: training ({', '.join(f'{k}={v}' for k, v in run.items())})"

@@ -181,10 +181,15 @@ def make_engines(profile, engine=None, real=None, device: str | None = None) -> 
     if real is None and (not simulated or (profile.rl.validate_every > 0 and distributed.is_main())):
         real = engine if not simulated and engine is not None else _real_engine(profile, everywhere=not simulated)
     if engine is None:
-        finetuned = profile.rl.engine == "simulator"
-        engine = (engine_for(profile, finetuned=finetuned, variant=None if finetuned else "prompt_only", device=device)
-                  if simulated else real)
+        engine = rl_simulator(profile, device) if simulated else real
     return engine, real
+
+
+def rl_simulator(profile, device: str | None = None):
+    """The simulator ``rl.engine`` names: the fine-tuned one, or (``prompt_only``) the simulator base with the
+    prompt-only prompt, the paper's prompt-based baseline."""
+    finetuned = profile.rl.engine == "simulator"
+    return engine_for(profile, finetuned=finetuned, variant=None if finetuned else "prompt_only", device=device)
 
 
 def _real_engine(profile, everywhere: bool):
