@@ -444,7 +444,8 @@ def test_a_rollback_restores_the_best_weights_and_lowers_the_learning_rate(polic
 
     from zslib.files import complete_folders
     rows = protocol_model[1]
-    only_validation = dict(entropy_rise=100.0, length_rise=100.0, invalid_rise=1.0, equal_groups_rise=1.0, kl_max=100.0)
+    only_validation = dict(entropy_rise=100.0, entropy_fall=1.0, length_rise=100.0, invalid_rise=1.0, invalid_max=1.0,
+                           equal_groups_rise=1.0, kl_max=100.0)
     t = _run(_guarded(policy_dir, "rollback", 1e-5, window=1, val_drop=0.1, max_rollbacks=1, **only_validation),
              tmp_path / "run", bm25, rows, steps=2)
     assert t.rollbacks == 0 and len(t.watched) == 2

@@ -454,13 +454,16 @@ class GuardConfig(_Section):
     """The collapse guard (``zslib/guard.py``): after every RL step, the signs that come before a GRPO
     collapse, each against its bar. ``action``: ``off``; ``warn`` (log them in the metrics); ``stop`` (log,
     checkpoint, end the run); ``rollback`` (back to the best-validated weights with the learning rate times
-    ``lr_factor``, at most ``max_rollbacks`` times, then stop). Rises compare the mean of the last ``window``
-    steps with the first ``window`` since the start or the last rollback."""
+    ``lr_factor``, at most ``max_rollbacks`` times, then stop). Rises and falls compare the mean of the last
+    ``window`` steps with the first ``window`` since the start or the last rollback; levels, the last
+    ``window``'s mean. On healthy tiny runs every figure stayed at half its default bar or less (docs/results.md)."""
     KEY = "guard"
     action: str = choice("warn", ("off", "warn", "stop", "rollback"))
     window: int = number(3, low=1)
     entropy_rise: float = number(1.0, above=0)        # relative: the policy's token entropy doubled
+    entropy_fall: float = number(0.9, above=0, high=1)  # relative: it fell to a tenth (a policy frozen on one output)
     invalid_rise: float = number(0.25, above=0)       # absolute: invalid actions per turn
+    invalid_max: float = number(0.5, above=0, high=1)   # level: half the turns leave the protocol's format
     equal_groups_rise: float = number(0.5, above=0)   # absolute: share of groups whose rewards are all equal
     length_rise: float = number(1.0, above=0)         # relative: response tokens doubled
     kl_max: float = number(1.0, above=0)              # KL to the reference, the last window's mean

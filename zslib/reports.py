@@ -103,13 +103,24 @@ def collapse_report(metrics: list[dict], drop_bar: float = 0.05, drop_bar_2hop: 
     return signs == 0, [verdict] + lines
 
 
-def guard_lines(metrics: list[dict], action: str) -> list[str]:
-    """What the collapse guard (``guard.action`` ``action``) found and did, one line per step it acted on."""
+def guard_lines(metrics: list[dict], cfg) -> list[str]:
+    """What the collapse guard (the profile's ``guard:``, ``cfg``) found and did, one line per step it acted
+    on; when it found nothing, how close the run came to a bar."""
+    from .guard import peaks
+
+    action = cfg.action
     if action == "off":
         return ["The collapse guard is off (guard.action: off)."]
     acted = [m for m in metrics if m.get("guard_action")]
     if not acted:
-        return [f"The collapse guard (guard.action: {action}) found no sign in any step."]
+        lines = [f"The collapse guard (guard.action: {action}) found no sign in any step."]
+        near = sorted(((p["peak"] / getattr(cfg, bar), bar, p) for bar, p in peaks(metrics, cfg).items()),
+                      key=lambda t: t[0])
+        if near:
+            share, bar, p = near[-1]
+            lines.append(f"Closest to a bar: {bar} {p['peak']:.3f} at step {p['at']}, {share:.0%} of its bar "
+                         f"{getattr(cfg, bar):g}.")
+        return lines
     done = {"warn": "logged", "stop": "stopped the run", "rollback": "rolled back"}
     lines = []
     for m in acted:
