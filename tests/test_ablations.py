@@ -52,12 +52,17 @@ def test_each_claim_gets_the_verdict_its_paired_interval_gives():
     # diffs .10 .15 .10: mean .11667, sd .028868, half-width 4.303 x .028868 / sqrt(3) = .071717
     assert mask["diff"] == pytest.approx(0.116667, abs=1e-6)
     assert (mask["low"], mask["high"]) == pytest.approx((0.044950, 0.188384), abs=1e-5)
-    assert mask["verdict"] == "reproduced" and mask["seeds"] == 3
+    assert mask["verdict"] == "reproduced" and mask["seeds"] == 3 and mask["ahead"] == 3
     assert verdicts["a fine-tuned simulator trains better than a prompt-only one"]["verdict"] == "not reproduced"
     real = verdicts["a fine-tuned simulator trains as well as the real engine"]
     # diffs 0 -.02 .01: mean -.00333, sd .015275, half-width .037948: low -.0413 above -.05
     assert real["low"] == pytest.approx(-0.041281, abs=1e-5) and real["verdict"] == "reproduced"
     assert verdicts["a curriculum beats none"]["verdict"] == "undecided"
+    assert verdicts["a curriculum beats none"]["ahead"] == 2  # +.10 and +.05 of +.10 -.10 +.05
+    assert real["ahead"] == 1  # 0 is not ahead
+    table = ablations.claims_markdown(list(verdicts.values()))
+    assert "| the loss mask helps | 1-hop | 3 | +11.7 [+4.5, +18.8] | 3 of 3 | reproduced |" in table
+    assert "| easy-to-hard beats hard-to-easy | 1-hop | 0 |  |  | not run |" in table
     assert verdicts["easy-to-hard beats hard-to-easy"]["verdict"] == "not run"
 
 
@@ -73,7 +78,7 @@ def test_the_summary_pairs_by_seed_and_transfer_compares_with_the_base():
     # gains over a base of .4: .2 .3 .4, mean .3, sd .1, half-width 4.303 x .1 / sqrt(3) = .24843
     t = ablations.transfer(results, {"em": 0.4, "two_hop": {"em": 0.0}})
     assert t["diff"] == pytest.approx(0.3) and t["low"] == pytest.approx(0.051570, abs=1e-5)
-    assert t["verdict"] == "reproduced"
+    assert t["verdict"] == "reproduced" and t["ahead"] == 3
 
 
 def test_the_last_step_is_read_apart_from_the_kept_one():

@@ -200,8 +200,9 @@ def summary(results: dict[str, dict], families: list[str] | None = None) -> list
 
 def claims(results: dict[str, dict], metric: str = "em") -> list[dict]:
     """Each of the paper's claims (``CLAIMS``) on ``metric``: the paired difference (better minus other) with
-    its interval, and a verdict: ``reproduced``, ``not reproduced`` (the interval says otherwise),
-    ``undecided`` (the interval holds both) or ``not run``."""
+    its interval, the seeds on which it is positive (``ahead``: with few seeds the interval is wide, and
+    "ahead on 3 of 3" is what can still be said), and a verdict: ``reproduced``, ``not reproduced`` (the
+    interval says otherwise), ``undecided`` (the interval holds both) or ``not run``."""
     rows = []
     for text, family, better, other, kind in CLAIMS:
         a, b = (_by_seed(results, FAMILIES[family][v], metric) for v in (better, other))
@@ -220,7 +221,8 @@ def claims(results: dict[str, dict], metric: str = "em") -> list[dict]:
             verdict = "not reproduced"
         else:
             verdict = "undecided"
-        rows.append({**row, "diff": mean, "low": low, "high": high, "verdict": verdict})
+        rows.append({**row, "diff": mean, "low": low, "high": high, "ahead": sum(d > 0 for d in paired),
+                     "verdict": verdict})
     return rows
 
 
@@ -235,7 +237,8 @@ def transfer(results: dict[str, dict], base: dict, metric: str = "em") -> dict:
     mean, low, high = t_interval(gains)
     verdict = "undecided" if len(gains) < 2 else "reproduced" if low > 0 else "not reproduced" if high <= 0 else "undecided"
     return {"claim": "the simulator-trained policy transfers to the real engine", "metric": metric, "seeds": len(gains),
-            "base": base_value, "diff": mean, "low": low, "high": high, "verdict": verdict}
+            "base": base_value, "diff": mean, "low": low, "high": high, "ahead": sum(g > 0 for g in gains),
+            "verdict": verdict}
 
 
 def _by_seed(results: dict[str, dict], overrides: dict, metric: str) -> dict[int, float]:
@@ -264,11 +267,12 @@ def markdown(rows: list[dict], metric: str = "em") -> str:
 
 def claims_markdown(verdicts: list[dict]) -> str:
     """``claims`` and ``transfer`` rows as a markdown table, differences in points."""
-    lines = ["| claim | EM | seeds | difference, points [95% t] | verdict |", "|---|---|---|---|---|"]
+    lines = ["| claim | EM | seeds | difference, points [95% t] | ahead on | verdict |", "|---|---|---|---|---|---|"]
     for c in verdicts:
         diff = f"{100 * c['diff']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]" if "diff" in c else ""
         kind = "2-hop" if c.get("metric") == "em_2hop" else "1-hop"
-        lines.append(f"| {c['claim']} | {kind} | {c.get('seeds', 0)} | {diff} | {c['verdict']} |")
+        ahead = f"{c['ahead']} of {c['seeds']}" if "ahead" in c else ""
+        lines.append(f"| {c['claim']} | {kind} | {c.get('seeds', 0)} | {diff} | {ahead} | {c['verdict']} |")
     return "\n".join(lines)
 
 
