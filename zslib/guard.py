@@ -30,8 +30,8 @@ def _mean(values: list[float]) -> float:
 def statistics(metrics: list[dict], cfg) -> dict[str, tuple[float, str]]:
     """What each bar is compared with, on ``metrics`` as they stand (the steps since the run began or was last
     rolled back, oldest first): ``{bar field: (value, the sentence a sign prints)}``; a figure without enough
-    steps yet is absent. A rise compares the mean of the last ``cfg.window`` steps with the first
-    ``cfg.window`` (there must be both, not overlapping); a level, the last window's mean. Validation: the last
+    steps yet is absent. A rise or a fall compares the mean of the last ``cfg.window`` steps with the first
+    ``cfg.window`` (there must be both, not overlapping); a level is the last window's mean. Validation: the last
     validation EM against the best of those steps."""
     out = {}
     w = cfg.window

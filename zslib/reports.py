@@ -114,10 +114,9 @@ def guard_lines(metrics: list[dict], cfg) -> list[str]:
     acted = [m for m in metrics if m.get("guard_action")]
     if not acted:
         lines = [f"The collapse guard (guard.action: {action}) found no sign in any step."]
-        near = sorted(((p["peak"] / getattr(cfg, bar), bar, p) for bar, p in peaks(metrics, cfg).items()),
-                      key=lambda t: t[0])
+        near = [(p["peak"] / getattr(cfg, bar), bar, p) for bar, p in peaks(metrics, cfg).items()]
         if near:
-            share, bar, p = near[-1]
+            share, bar, p = max(near, key=lambda t: t[0])
             lines.append(f"Closest to a bar: {bar} {p['peak']:.3f} at step {p['at']}, {share:.0%} of its bar "
                          f"{getattr(cfg, bar):g}.")
         return lines
