@@ -6,6 +6,7 @@ Each function takes plain dicts (metrics lines, evaluation scores, samples) and 
 
 from __future__ import annotations
 
+from .guard import peaks
 from .prompts import INVALID_ACTION
 from .reward import exact_match, extract_answer
 from .search import Doc
@@ -106,8 +107,6 @@ def collapse_report(metrics: list[dict], drop_bar: float = 0.05, drop_bar_2hop: 
 def guard_lines(metrics: list[dict], cfg) -> list[str]:
     """What the collapse guard (the profile's ``guard:``, ``cfg``) found and did, one line per step it acted
     on; when it found nothing, how close the run came to a bar."""
-    from .guard import peaks
-
     action = cfg.action
     if action == "off":
         return ["The collapse guard is off (guard.action: off)."]
