@@ -8,8 +8,9 @@ from zslib import ablations
 from zslib.curriculum import noise_probability
 
 
-def _result(overrides: dict, seed: int, em: float, em_2hop: float = 0.0, last_em: float | None = None) -> dict:
-    scores = {"em": em, "two_hop": {"em": em_2hop}}
+def _result(overrides: dict, seed: int, em: float, em_2hop: float = 0.0, last_em: float | None = None,
+            searched: float | None = None) -> dict:
+    scores = {"em": em, "two_hop": {"em": em_2hop}, **({} if searched is None else {"searched_share": searched})}
     last = scores if last_em is None else {"em": last_em, "two_hop": {"em": em_2hop}}
     return {"overrides": {**overrides, "seed": seed}, "kept": scores, "last": last}
 
@@ -85,6 +86,22 @@ def test_the_last_step_is_read_apart_from_the_kept_one():
     results = {"reference-s0": _result({}, 0, em=0.8, last_em=0.6)}
     rows = {r["metric"]: r["mean"] for r in ablations.summary(results, ["reward"]) if r["variant"] == "F1"}
     assert rows["em"] == 0.8 and rows["last_em"] == 0.6
+
+
+def test_each_run_is_a_point_of_its_family_with_the_share_it_searched():
+    ppo = ablations.FAMILIES["algorithm"]["PPO"]
+    results = {"reference-s0": _result({}, 0, 0.9, searched=1.0), "reference-s1": _result({}, 1, 0.7, searched=0.8),
+               "algorithm=ppo-s1": _result(ppo, 1, 0.6, searched=0.7),
+               "lr=0.1-s0": _result({"rl.lr": 0.1}, 0, 0.1)}  # a run of no family, without the share
+    points = {p["run"]: p for p in ablations.run_points(results)}
+    assert (points["reference-s1"]["family"], points["reference-s1"]["variant"], points["reference-s1"]["seed"]) == ("reference", "reference", 1)
+    assert (points["algorithm=ppo-s1"]["family"], points["algorithm=ppo-s1"]["variant"]) == ("algorithm", "PPO")
+    assert points["algorithm=ppo-s1"]["searched"] == 0.7 and points["algorithm=ppo-s1"]["em"] == 0.6
+    assert (points["lr=0.1-s0"]["family"], points["lr=0.1-s0"]["variant"]) == ("other", "lr=0.1") and "searched" not in points["lr=0.1-s0"]
+    rows = {(r["variant"], r["metric"]): r for r in ablations.summary(results, ["algorithm"])}
+    assert rows[("GRPO", "searched")]["mean"] == pytest.approx(0.9)  # (1.0 + 0.8) / 2
+    assert rows[("PPO", "searched")]["diff"] == pytest.approx(-0.1) and rows[("PPO", "searched")]["paired_seeds"] == 1
+    assert "| algorithm | PPO | 1 | 70.0 |" in ablations.markdown(list(rows.values()), "searched")
 
 
 def test_the_reversed_curriculum_is_the_exponential_run_backwards():

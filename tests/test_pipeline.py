@@ -154,3 +154,4 @@ def _check_ablations(scratch_profile: str, P) -> None:
     shown = _outputs(P.out / "notebooks" / "06_ablations.ipynb")
     assert "4 of 33 runs finished" in shown and "| loss mask | off | 2 |" in shown
     assert "the loss mask helps" in shown
+    assert (P.out / "figures" / "06_ablation_runs.png").exists()  # every run's EM against the share searched

@@ -72,3 +72,12 @@ def test_results_bars_draw_each_methods_interval():
     segments = [seg for coll in ax.collections for seg in coll.get_segments()]
     spans = sorted((round(s[0][1], 6), round(s[1][1], 6)) for s in segments)
     assert spans == [(0.4, 0.55), (0.4, 0.55), (0.6, 0.75), (0.6, 0.75)]
+
+
+def test_ablation_runs_draw_one_series_per_family_the_reference_first_and_the_base():
+    points = [{"family": "algorithm", "em": 0.6, "searched": 0.7}, {"family": "reference", "em": 0.9, "searched": 1.0},
+              {"family": "reference", "em": 0.7, "searched": 0.8}, {"family": "other", "em": 0.1}]  # no share: not drawn
+    fig = plots.ablation_runs(points, {"em": 0.5, "searched_share": 0.71})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["reference", "algorithm", "base"]
+    assert [c.get_offsets().tolist() for c in ax.collections] == [[[1.0, 0.9], [0.8, 0.7]], [[0.7, 0.6]], [[0.71, 0.5]]]

@@ -157,18 +157,38 @@ def read_results(root: str | Path) -> dict[str, dict]:
 # ---------------------------------------------------------------- reading
 
 def run_figures(result: dict) -> dict[str, float]:
-    """The figures of one run: held-out 1-hop and 2-hop EM of the kept and of the last step's policy."""
+    """The figures of one run: held-out 1-hop and 2-hop EM of the kept and of the last step's policy, and
+    ``searched``: the kept policy's share of 1-hop questions it searched for (what RL changes on this world)."""
     out = {}
     for which, prefix in (("kept", ""), ("last", "last_")):
         scores = result[which]
         out[prefix + "em"] = scores["em"]
         if "two_hop" in scores:
             out[prefix + "em_2hop"] = scores["two_hop"]["em"]
+    if "searched_share" in result["kept"]:
+        out["searched"] = result["kept"]["searched_share"]
     return out
 
 
+def variant_of(result: dict) -> tuple[str, str]:
+    """(family, variant) of a run from its overrides: ("reference", "reference") for the profile's own
+    settings, ("other", its folder's name) for overrides no family holds."""
+    run = slug({k: v for k, v in result["overrides"].items() if k != "seed"})
+    if run == "reference":
+        return "reference", "reference"
+    return next(((family, variant) for family, variants in FAMILIES.items()
+                 for variant, overrides in variants.items() if overrides and slug(overrides) == run), ("other", run))
+
+
+def run_points(results: dict[str, dict]) -> list[dict]:
+    """One point per finished run: its family, variant and seed with ``run_figures`` (notebook 06's figure of
+    every run's EM against how often it searched)."""
+    return [{"run": name, **dict(zip(("family", "variant"), variant_of(r))), "seed": r["overrides"]["seed"],
+             **run_figures(r)} for name, r in sorted(results.items())]
+
+
 def summary(results: dict[str, dict], families: list[str] | None = None) -> list[dict]:
-    """One row per (family, variant, metric): the seeds found, the mean, sample sd, min and max over them,
+    """One row per (family, variant, metric; ``run_figures``' metrics): the seeds found, the mean, sample sd, min and max over them,
     and the difference from the family's reference paired by seed (mean and 95% t interval; seeds
     without both runs are left out of the pairing)."""
     by_slug: dict[str, dict[int, dict]] = {}
@@ -181,7 +201,7 @@ def summary(results: dict[str, dict], families: list[str] | None = None) -> list
         ref = by_slug.get(slug(next(iter(variants.values()))), {})
         for variant, overrides in variants.items():
             runs = by_slug.get(slug(overrides), {})
-            for metric in ("em", "em_2hop", "last_em", "last_em_2hop"):
+            for metric in ("em", "em_2hop", "last_em", "last_em_2hop", "searched"):
                 values = {s: f[metric] for s, f in runs.items() if metric in f}
                 if not values:
                     continue

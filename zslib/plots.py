@@ -342,3 +342,23 @@ def ablation_family(rows: list[dict], family: str, base: dict | None = None):
         ax.set_title(f"{family}: held-out {kind} EM, real engine", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     return _done(fig, "ablation_family")
+
+
+def ablation_runs(points: list[dict], base: dict | None = None):
+    """Notebook 06: every finished run (``ablations.run_points``) as a dot, its held-out 1-hop EM against the
+    share of those questions it searched for, coloured by family (the reference in black); the base as a cross."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    families = sorted({p["family"] for p in points} - {"reference"})
+    for i, family in enumerate(["reference"] + families):
+        found = [p for p in points if p["family"] == family and "searched" in p]
+        if found:
+            ax.scatter([p["searched"] for p in found], [p["em"] for p in found], s=28, alpha=0.8, label=family,
+                       color="black" if family == "reference" else plt.cm.tab10(i % 10))
+    if base is not None and "searched_share" in base:
+        ax.scatter([base["searched_share"]], [base["em"]], marker="x", s=80, color="gray", label="base")
+    ax.set_xlabel("share of held-out 1-hop questions searched")
+    ax.set_ylabel("held-out 1-hop EM")
+    ax.set_title("every ablation run: EM against searching (kept policy, real engine)", fontsize=10)
+    ax.legend(fontsize=LABEL_SIZE, loc="upper left")
+    ax.grid(alpha=0.3)
+    return _done(fig, "ablation_runs")
