@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = {k: v for k, v in ablations.read_results(root).items() if k in plan}
     rows = ablations.summary(results, args.families)
     for metric, what in (("em", "1-hop EM, kept policy"), ("em_2hop", "2-hop EM, kept policy"),
-                         ("last_em", "1-hop EM, last step"), ("last_em_2hop", "2-hop EM, last step")):
-        print(f"\n{what} (points; base {100 * (base['em'] if 'em_2hop' not in metric else base['two_hop']['em']):.1f})\n")
+                         ("last_em", "1-hop EM, last step"), ("last_em_2hop", "2-hop EM, last step"),
+                         ("searched", "1-hop questions searched, kept policy")):
+        value = (base.get("searched_share", 0.0) if metric == "searched"
+                 else base["two_hop"]["em"] if "2hop" in metric else base["em"])
+        print(f"\n{what} (points; base {100 * value:.1f})\n")
         print(ablations.markdown(rows, metric))
     verdicts = ablations.all_claims(results, base)
     print("\n" + ablations.claims_markdown(verdicts))
