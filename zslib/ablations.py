@@ -188,9 +188,9 @@ def run_points(results: dict[str, dict]) -> list[dict]:
 
 
 def summary(results: dict[str, dict], families: list[str] | None = None) -> list[dict]:
-    """One row per (family, variant, metric; ``run_figures``' metrics): the seeds found, the mean, sample sd, min and max over them,
-    and the difference from the family's reference paired by seed (mean and 95% t interval; seeds
-    without both runs are left out of the pairing)."""
+    """One row per (family, variant, metric of ``run_figures``): the seeds found, the mean, sample sd, min and
+    max over them, and the difference from the family's reference paired by seed (mean and 95% t interval;
+    seeds without both runs are left out of the pairing)."""
     by_slug: dict[str, dict[int, dict]] = {}
     for r in results.values():
         seed = r["overrides"]["seed"]
