@@ -11,6 +11,9 @@ back. The reference at the profile's seed is notebook 04's own run. ``--runs`` s
 machines or processes; the tables show every run finished so far and go to
 ``outputs/<profile>/ablations/summary.json``. Each tiny run is one notebook-04 run (``rl.steps`` steps) plus
 two or three evaluations: on 2 cores with bf16 kernels about 10 minutes (docs/results.md has the figures).
+``-p`` overrides make another recipe, whose runs (its reference included) go to
+``outputs/<profile>/ablations/recipe=<overrides>/``: ``--runs reference-s0 reference-s1 reference-s2
+-p rl.lr=4e-4`` measures a recipe over 3 seeds.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     P = config.load_profile(args.profile, overrides)
-    root = P.out / "ablations"
+    root = ablations.results_dir(P.out, overrides)
     plan = ablations.plan(args.families, args.seeds)
     unknown = set(args.runs or []) - set(plan)
     if unknown:

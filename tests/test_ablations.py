@@ -124,3 +124,48 @@ def test_rl_against_the_prompt_only_simulator_gets_the_base_with_that_prompt(mon
     assert trainer.make_engines(P) == ("simulated", None)
     assert built == [{"finetuned": finetuned, "variant": variant, "device": None}]
     assert not config.load_profile("micro", {"rl.engine": "bm25"}).rl.simulated
+
+
+def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeypatch, tmp_path):
+    """``-p rl.lr=...`` is another recipe: its runs go to a folder of their own, its reference at the profile's
+    seed is trained there (notebook 04's run is of the profile as it is), and a folder of one recipe is not read
+    back as another's."""
+    import json
+
+    from zslib import config, evaluate, search, trainer
+    trained = []
+
+    class FakeTrainer:
+        def __init__(self, P, folder, engine, real_engine):
+            trained.append((folder, P.rl.lr))
+            self.step_count, self.policy, self.tokenizer = 2, None, None
+            self.metrics_path = tmp_path / f"metrics{len(trained)}.jsonl"
+            self.metrics_path.write_text('{"seconds": 30}\n')
+
+        def train(self, resume):
+            pass
+
+        def use_best_policy(self):
+            return None
+
+    monkeypatch.setattr(trainer, "RLTrainer", FakeTrainer)
+    monkeypatch.setattr(trainer, "rl_simulator", lambda P: "simulator")
+    monkeypatch.setattr(search, "profile_engine", lambda P: "bm25")
+    monkeypatch.setattr(evaluate, "heldout_scores", lambda *a, **kw: {"em": 0.5, "two_hop": {"em": 0.25}})
+    P = config.load_profile("micro", {})
+    assert ablations.results_dir(P.out, {}) == ablations.results_dir(P.out, {"name": P.name}) == P.out / "ablations"
+    assert ablations.results_dir(P.out, {"rl.lr": 0.001, "seed": 3}) == P.out / "ablations" / "recipe=lr=0.001"
+
+    runs = {"reference-s0": {"seed": P.seed}, "reference-s1": {"seed": P.seed + 1}}
+    out = ablations.run_all("micro", {"rl.lr": 0.001}, runs, tmp_path / "recipe", log=lambda s: None)
+    assert trained == [(tmp_path / "recipe" / "reference-s0" / "rl", 0.001), (tmp_path / "recipe" / "reference-s1" / "rl", 0.001)]
+    saved = json.loads((tmp_path / "recipe" / "reference-s0" / "eval.json").read_text())
+    assert saved["recipe"] == {"rl.lr": 0.001} and out["reference-s0"]["train_minutes"] == 0.5
+    ablations.run_all("micro", {"rl.lr": 0.001}, runs, tmp_path / "recipe", log=lambda s: None)
+    assert len(trained) == 2  # read back, not trained again
+    with pytest.raises(ValueError, match=r"reference-s0/eval.json: a run of the recipe \{'rl.lr': 0.001\}"):
+        ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)
+    # the profile as it is: the reference at its seed is notebook 04's run, the other seed has its own folder
+    ablations.run_all("micro", {}, {"reference-s1": {"seed": P.seed + 1}}, tmp_path / "plain", log=lambda s: None)
+    ablations.run_all("micro", {}, {"reference-s0": {"seed": P.seed}}, tmp_path / "plain0", log=lambda s: None)
+    assert trained[2:] == [(tmp_path / "plain" / "reference-s1" / "rl", P.rl.lr), (P.rl_dir, P.rl.lr)]

@@ -7,7 +7,8 @@ the held-out 1-hop and 2-hop questions, greedy, with the real engine (``evaluate
 04 evaluates), for the policy kept (the best-validated step's) and, when that is not the last, the last step's.
 
 ``run_all`` trains and evaluates what is missing, one folder per run (``outputs/<profile>/ablations/<run>/``,
-resumable: RL from its last checkpoint, a finished run's ``eval.json`` is kept). ``summary`` and ``claims``
+resumable: RL from its last checkpoint, a finished run's ``eval.json`` is kept). A recipe changed by overrides
+(``-p rl.lr=4e-4``) gets a folder of its own, ``ablations/recipe=<overrides>/``, reference included. ``summary`` and ``claims``
 read those files back for notebook 06: the mean and spread over seeds, and each variant's difference from
 the reference paired by seed with a t interval.
 """
@@ -57,6 +58,19 @@ def slug(overrides: dict) -> str:
     return "reference" if not overrides else "+".join(f"{k.removeprefix('rl.')}={v}" for k, v in sorted(overrides.items()))
 
 
+def recipe(overrides: dict) -> dict:
+    """The overrides that change what a run trains: all but the profile's ``name`` (where it writes) and
+    ``seed`` (each run sets its own)."""
+    return {k: v for k, v in overrides.items() if k not in ("name", "seed")}
+
+
+def results_dir(out: str | Path, overrides: dict) -> Path:
+    """Where a recipe's runs go: ``<out>/ablations`` for the profile as it is, ``<out>/ablations/recipe=<slug>``
+    for one changed by overrides (``-p rl.lr=4e-4``), so runs of different recipes are never read as one."""
+    changed = recipe(overrides)
+    return Path(out) / "ablations" / (f"recipe={slug(changed)}" if changed else "")
+
+
 def plan(families: list[str] | None = None, seeds: list[int] = (0, 1, 2)) -> dict[str, dict]:
     """Run name -> overrides (``seed`` included) for the families asked, each distinct run once."""
     out = {}
@@ -94,7 +108,8 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
     from .search import profile_engine
 
     P0 = config.load_profile(profile_name, overrides)
-    root = Path(root or P0.out / "ablations")
+    root = Path(root or results_dir(P0.out, overrides))
+    changed = recipe(overrides)
     real = profile_engine(P0)
     engines: dict[str, object] = {"bm25": real}
     results = {}
@@ -102,12 +117,16 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         folder = root / name
         if (folder / "eval.json").exists():
             results[name] = json.loads((folder / "eval.json").read_text())
+            if results[name].get("recipe", {}) != changed:
+                raise ValueError(f"{folder / 'eval.json'}: a run of the recipe {results[name].get('recipe', {})}, "
+                                 f"not of {changed}; give each recipe its own folder (results_dir)")
             continue
         P = config.load_profile(profile_name, {**overrides, **run})
         if P.rl.engine not in engines:  # built when a run first needs it
             engines[P.rl.engine] = trainer.rl_simulator(P)
-        # The reference at the profile's own seed is notebook 04's run: trained there, or resumed there.
-        own = all(k == "seed" for k in run) and run.get("seed", P0.seed) == P0.seed
+        # The reference at the profile's own seed is notebook 04's run (trained or resumed there), unless the
+        # overrides change the recipe: notebook 04's folder need not hold a run of it.
+        own = not changed and all(k == "seed" for k in run) and run.get("seed", P0.seed) == P0.seed
         log(f"{name}: training ({', '.join(f'{k}={v}' for k, v in run.items())})"
             + (f" in notebook 04's run folder {P.rl_dir}" if own else ""))
         T = trainer.RLTrainer(P, P.rl_dir if own else folder / "rl", engine=engines[P.rl.engine], real_engine=real)
@@ -118,7 +137,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         best = T.use_best_policy()
         kept = last if best is None or best["step"] == T.step_count else \
             heldout_scores(T.policy, T.tokenizer, P, real, n, desc=f"{name}, kept step")
-        out = {"run": name, "overrides": run, "steps": T.step_count, "kept_step": best["step"] if best else T.step_count,
+        out = {"run": name, "overrides": run, "recipe": changed, "steps": T.step_count, "kept_step": best["step"] if best else T.step_count,
                "kept": kept, "last": last, "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                "guard": sorted({m["guard_action"] for m in metrics if m.get("guard_action")})}
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,7 +160,7 @@ def base_scores(profile_name: str, overrides: dict, root: str | Path | None = No
     from .search import profile_engine
 
     P = config.load_profile(profile_name, overrides)
-    path = Path(root or P.out / "ablations") / "base.json"
+    path = Path(root or results_dir(P.out, overrides)) / "base.json"
     if not path.exists():
         model, tok = load_causal_lm(P.policy_path, P.models.dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
