@@ -47,6 +47,21 @@ def test_wrong_type_is_named(key, value):
         load_profile("tiny", overrides={key: value})
 
 
+def test_a_float_written_without_a_dot_is_a_float_in_an_override_and_in_a_file(tmp_path):
+    """PyYAML reads ``4e-4`` as a string (YAML 1.1 wants ``4.0e-4``); a researcher typing ``-p rl.lr=4e-4``
+    means the number. Only float fields take it: an int field and a word are still errors."""
+    from zslib.pipeline import parse_overrides
+    assert parse_overrides(["rl.lr=4e-4"]) == {"rl.lr": "4e-4"}  # the trap, as YAML reads it
+    rl = load_profile("tiny", parse_overrides(["rl.lr=4e-4", "rl.kl_coef=+5E-2"])).rl
+    assert (rl.lr, rl.kl_coef) == (0.0004, 0.05)
+    f = tmp_path / "sci.yaml"
+    f.write_text("extends: tiny\nrl:\n  lr: 3e-5\n")
+    assert load_profile(str(f)).rl.lr == pytest.approx(3e-5)
+    for key, value in (("rl.steps", "1e3"), ("rl.lr", "4e-4x"), ("rl.lr", "e-4")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_profile("tiny", {key: value})
+
+
 def test_missing_profile_lists_known_ones():
     with pytest.raises(ConfigError, match="tiny"):
         load_profile("no-such-profile")

@@ -15,6 +15,7 @@ the dotted key, the value and what is allowed:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -619,6 +620,9 @@ class Profile:
         return Path(self.search.corpus_path) if self.search.corpus_path else self.data_dir / "corpus.jsonl"
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(value, hint, key: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -640,6 +644,8 @@ def _check_type(value, hint, key: str):
     base = origin or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 4e-4 and 1e6 (no dot) as strings; YAML 1.2 reads them as numbers
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if base in (int, float) and isinstance(value, bool):
