@@ -457,7 +457,7 @@ class GuardConfig(_Section):
     checkpoint, end the run); ``rollback`` (back to the best-validated weights with the learning rate times
     ``lr_factor``, at most ``max_rollbacks`` times, then stop). Rises and falls compare the mean of the last
     ``window`` steps with the first ``window`` since the start or the last rollback; levels, the last
-    ``window``'s mean. No healthy tiny run reached a default bar (27 runs; the nearest, response length, at 72%
+    ``window``'s mean. No healthy tiny run reached a default bar (33 runs; the nearest, response length, at 72%
     of its bar: docs/results.md)."""
     KEY = "guard"
     action: str = choice("warn", ("off", "warn", "stop", "rollback"))
