@@ -155,13 +155,14 @@ def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeyp
     P = config.load_profile("micro", {})
     assert ablations.results_dir(P.out, {}) == ablations.results_dir(P.out, {"name": P.name}) == P.out / "ablations"
     assert ablations.results_dir(P.out, {"rl.lr": 0.001, "seed": 3}) == P.out / "ablations" / "recipe=lr=0.001"
+    assert ablations.results_dir(P.out, {"rl.lr": "1e-3"}) == P.out / "ablations" / "recipe=lr=0.001"  # one recipe
 
     runs = {"reference-s0": {"seed": P.seed}, "reference-s1": {"seed": P.seed + 1}}
     out = ablations.run_all("micro", {"rl.lr": 0.001}, runs, tmp_path / "recipe", log=lambda s: None)
     assert trained == [(tmp_path / "recipe" / "reference-s0" / "rl", 0.001), (tmp_path / "recipe" / "reference-s1" / "rl", 0.001)]
     saved = json.loads((tmp_path / "recipe" / "reference-s0" / "eval.json").read_text())
     assert saved["recipe"] == {"rl.lr": 0.001} and out["reference-s0"]["train_minutes"] == 0.5
-    ablations.run_all("micro", {"rl.lr": 0.001}, runs, tmp_path / "recipe", log=lambda s: None)
+    ablations.run_all("micro", {"rl.lr": "1e-3"}, runs, tmp_path / "recipe", log=lambda s: None)
     assert len(trained) == 2  # read back, not trained again
     with pytest.raises(ValueError, match=r"reference-s0/eval.json: a run of the recipe \{'rl.lr': 0.001\}"):
         ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)

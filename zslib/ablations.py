@@ -60,8 +60,9 @@ def slug(overrides: dict) -> str:
 
 def recipe(overrides: dict) -> dict:
     """The overrides that change what a run trains: all but the profile's ``name`` (where it writes) and
-    ``seed`` (each run sets its own)."""
-    return {k: v for k, v in overrides.items() if k not in ("name", "seed")}
+    ``seed`` (each run sets its own); ``4e-4`` read as the number, so both spellings are one recipe."""
+    from .config import yaml_number
+    return {k: yaml_number(v) for k, v in overrides.items() if k not in ("name", "seed")}
 
 
 def results_dir(out: str | Path, overrides: dict) -> Path:
@@ -117,7 +118,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         folder = root / name
         if (folder / "eval.json").exists():
             results[name] = json.loads((folder / "eval.json").read_text())
-            if results[name].get("recipe", {}) != changed:
+            if recipe(results[name].get("recipe", {})) != changed:
                 raise ValueError(f"{folder / 'eval.json'}: a run of the recipe {results[name].get('recipe', {})}, "
                                  f"not of {changed}; give each recipe its own folder (results_dir)")
             continue

@@ -623,6 +623,12 @@ class Profile:
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def yaml_number(value):
+    """``value`` as a float when it is a string PyYAML left unread: ``4e-4`` and ``1e6`` (no dot) are strings
+    in YAML 1.1 and numbers in YAML 1.2; anything else as it is."""
+    return float(value) if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()) else value
+
+
 def _check_type(value, hint, key: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -644,8 +650,8 @@ def _check_type(value, hint, key: str):
     base = origin or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-        return float(value)  # PyYAML reads 4e-4 and 1e6 (no dot) as strings; YAML 1.2 reads them as numbers
+    if base is float and isinstance(yaml_number(value), float):
+        return yaml_number(value)
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if base in (int, float) and isinstance(value, bool):
