@@ -22,7 +22,9 @@ Notebooks run breadth-first (00 of every run, then 01, ...), so a shared simulat
 run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is
 skipped the next time (for the profile's own run, a notebook counts as done when its executed copy in
 ``outputs/<profile>/notebooks/`` has no error); an interrupted notebook is run again and carries on from what
-it had saved (bases, the trajectory file and RL checkpoints are kept). The table is also written to
+it had saved (bases, the trajectory file and RL checkpoints are kept). A notebook that fails, a check that
+stops it included, ends that run only: the others go on, the table shows every run, and the exit status says
+which failed. The table is also written to
 ``outputs/seeds-<profile>/seeds.json``.
 """
 
@@ -102,12 +104,15 @@ def run_notebook(profile: str, overrides: dict, nb: str, kernel: str) -> None:
 
 
 def run_all(profile: str, plan: dict[str, dict], notebooks: list[str], kernel: str, shared: bool,
-            only: list[str] | None = None) -> None:
+            only: list[str] | None = None) -> dict[str, str]:
+    """Every notebook of every run, breadth-first. A notebook that fails (an error, or a check that stops it)
+    ends its own run, not the others'; returns run -> the notebook that failed."""
     first = next(iter(plan))
     source = config.load_profile(profile, plan[first])
+    failed: dict[str, str] = {}
     for nb in notebooks:
         for name, overrides in plan.items():
-            if only and name not in only:
+            if (only and name not in only) or name in failed:
                 continue
             if shared and name != first:
                 if nb in SIMULATOR:
@@ -118,7 +123,13 @@ def run_all(profile: str, plan: dict[str, dict], notebooks: list[str], kernel: s
                 elif not (source.simulator_dir / "eval.json").exists():
                     raise SystemExit(f"{name}: {nb} needs the shared simulator, and {source.simulator_dir} has "
                                      f"none yet: run {first}'s notebooks 01-03 first")
-            run_notebook(profile, overrides, nb, kernel)
+            try:
+                run_notebook(profile, overrides, nb, kernel)
+            except subprocess.CalledProcessError:
+                failed[name] = nb
+                print(f"{name}: {nb} failed (its executed copy under outputs/{name}/notebooks/ names the cell); "
+                      "its later notebooks are skipped", flush=True)
+    return failed
 
 
 def figures(profile: str, overrides: dict) -> dict | None:
@@ -211,9 +222,11 @@ def main() -> None:
     args = ap.parse_args()
     plan = runs(args.profile, args.seeds, not args.no_fp32)
     shared = not args.own_simulators
-    if not args.table_only:
+    failed = {} if args.table_only else \
         run_all(args.profile, plan, [nb for nb in NOTEBOOKS if nb in args.notebooks], args.kernel, shared, args.runs)
     table(args.profile, plan, shared)
+    if failed:
+        raise SystemExit("failed: " + ", ".join(f"{name} at {nb}" for name, nb in failed.items()))
 
 
 if __name__ == "__main__":
