@@ -170,4 +170,3 @@ def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeyp
     ablations.run_all("micro", {}, {"reference-s1": {"seed": P.seed + 1}}, tmp_path / "plain", log=lambda s: None)
     ablations.run_all("micro", {}, {"reference-s0": {"seed": P.seed}}, tmp_path / "plain0", log=lambda s: None)
     assert trained[2:] == [(tmp_path / "plain" / "reference-s1" / "rl", P.rl.lr), (P.rl_dir, P.rl.lr)]
-
