@@ -8,9 +8,9 @@ the held-out 1-hop and 2-hop questions, greedy, with the real engine (``evaluate
 
 ``run_all`` trains and evaluates what is missing, one folder per run (``outputs/<profile>/ablations/<run>/``,
 resumable: RL from its last checkpoint, a finished run's ``eval.json`` is kept). A recipe changed by overrides
-(``-p rl.lr=4e-4``) gets a folder of its own, ``ablations/recipe=<overrides>/``, reference included. ``summary`` and ``claims``
-read those files back for notebook 06: the mean and spread over seeds, and each variant's difference from
-the reference paired by seed with a t interval.
+(``-p rl.lr=4e-4``) gets a folder of its own, ``ablations/recipe=<overrides>/``, reference included.
+``summary`` and ``claims`` read those files back for notebook 06: the mean and spread over seeds, and each
+variant's difference from the reference paired by seed with a t interval.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         best = T.use_best_policy()
         kept = last if best is None or best["step"] == T.step_count else \
             heldout_scores(T.policy, T.tokenizer, P, real, n, desc=f"{name}, kept step")
-        out = {"run": name, "overrides": run, "recipe": changed, "steps": T.step_count, "kept_step": best["step"] if best else T.step_count,
+        out = {"run": name, "overrides": run, "recipe": changed, "steps": T.step_count,
+               "kept_step": best["step"] if best else T.step_count,
                "kept": kept, "last": last, "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                "guard": sorted({m["guard_action"] for m in metrics if m.get("guard_action")})}
         folder.mkdir(parents=True, exist_ok=True)
