@@ -118,9 +118,10 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         folder = root / name
         if (folder / "eval.json").exists():
             results[name] = json.loads((folder / "eval.json").read_text())
-            if recipe(results[name].get("recipe", {})) != changed:
-                raise ValueError(f"{folder / 'eval.json'}: a run of the recipe {results[name].get('recipe', {})}, "
-                                 f"not of {changed}; give each recipe its own folder (results_dir)")
+            theirs = results[name].get("recipe", {})  # none in files written before recipes had folders
+            if recipe(theirs) != changed:
+                raise ValueError(f"{folder / 'eval.json'}: a run of the recipe {theirs}, not of {changed}; "
+                                 "give each recipe its own folder (results_dir)")
             continue
         P = config.load_profile(profile_name, {**overrides, **run})
         if P.rl.engine not in engines:  # built when a run first needs it

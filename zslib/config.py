@@ -648,10 +648,10 @@ def _check_type(value, hint, key: str):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, key + ".")
     base = origin or hint
+    if base is float:
+        value = yaml_number(value)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base is float and isinstance(yaml_number(value), float):
-        return yaml_number(value)
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if base in (int, float) and isinstance(value, bool):
