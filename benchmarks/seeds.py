@@ -19,10 +19,11 @@ world the profile's (``world.seed`` stays) and everything else built from its se
   (``tiny.bf16_autocast``) and its RL (``rl.bf16_autocast``), both in fp32.
 
 Notebooks run breadth-first (00 of every run, then 01, ...), so a shared simulator exists before the first RL
-run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done`` and is
-skipped the next time (for the profile's own run, a notebook counts as done when its executed copy in
-``outputs/<profile>/notebooks/`` has no error); an interrupted notebook is run again and carries on from what
-it had saved (bases, the trajectory file and RL checkpoints are kept). A notebook that fails, a check that
+run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<notebook>.done``, which holds
+the resolved profile it ran with, and is skipped the next time while the profile is unchanged (for the profile's
+own run, a notebook also counts as done when ``make demo``'s pipeline would skip it); an interrupted notebook is
+run again and carries on from what it had saved (bases, the trajectory file and RL checkpoints are kept). After
+an edit to ``rl:``, notebook 04 refuses the RL folder of the old recipe (``trainer.run_recipe``): move it aside. A notebook that fails, a check that
 stops it included, ends that run only: the others go on, the table shows every run, and the exit status says
 which failed. The table is also written to
 ``outputs/seeds-<profile>/seeds.json``.
@@ -31,6 +32,7 @@ which failed. The table is also written to
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zslib import checks, config  # noqa: E402
+from zslib import checks, config, pipeline  # noqa: E402
 from zslib.files import read_jsonl  # noqa: E402
 
 NOTEBOOKS = ["00_prepare", "01_collect_trajectories", "02_label", "03_simulator_sft", "04_curriculum_rl"]
@@ -60,14 +62,9 @@ def runs(profile: str, seeds: list[int], fp32: bool) -> dict[str, dict]:
     return {name: {**o, "name": name} for name, o in out.items()}
 
 
-def _executed_ok(path: Path) -> bool:
-    """A notebook executed by papermill without an error (``make demo``'s runs have no .done markers)."""
-    if not path.exists():
-        return False
-    cells = json.loads(path.read_text())["cells"]
-    return all(o.get("output_type") != "error" for c in cells for o in c.get("outputs", [])) and \
-        all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed"
-            for c in cells if c["cell_type"] == "code")
+def profile_key(P) -> str:
+    """A notebook's ``.done`` marker holds the resolved profile it ran with: an edited profile runs it again."""
+    return hashlib.sha256(json.dumps(config.to_dict(P), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def share_simulator(source, P) -> None:
@@ -89,9 +86,11 @@ def share_simulator(source, P) -> None:
 def run_notebook(profile: str, overrides: dict, nb: str, kernel: str) -> None:
     P = config.load_profile(profile, overrides)
     done_dir, executed = P.out / "seeds", P.out / "notebooks"
-    marker = done_dir / f"{nb}.done"
-    if marker.exists() or _executed_ok(executed / f"{nb}.ipynb"):
-        print(f"{P.name}: {nb} done before, skipped")
+    marker, key = done_dir / f"{nb}.done", profile_key(P)
+    own = config.load_profile(profile)
+    if (marker.exists() and marker.read_text() == key) or \
+            (config.to_dict(P) == config.to_dict(own) and nb in pipeline.current_steps(profile)):  # make demo's run
+        print(f"{P.name}: {nb} done before with this profile, skipped")
         return
     done_dir.mkdir(parents=True, exist_ok=True)
     executed.mkdir(parents=True, exist_ok=True)
@@ -100,7 +99,7 @@ def run_notebook(profile: str, overrides: dict, nb: str, kernel: str) -> None:
     subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{nb}.ipynb"),
                     str(executed / f"{nb}.ipynb"), "-k", kernel, "-y", params, "--cwd", str(ROOT / "notebooks"),
                     "--no-progress-bar"], check=True)
-    marker.write_text("")
+    marker.write_text(key)
 
 
 def run_all(profile: str, plan: dict[str, dict], notebooks: list[str], kernel: str, shared: bool,

@@ -164,7 +164,17 @@ def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeyp
     assert saved["recipe"] == {"rl.lr": 0.001} and out["reference-s0"]["train_minutes"] == 0.5
     ablations.run_all("micro", {"rl.lr": "1e-3"}, runs, tmp_path / "recipe", log=lambda s: None)
     assert len(trained) == 2  # read back, not trained again
-    with pytest.raises(ValueError, match=r"reference-s0/eval.json: a run of the recipe \{'rl.lr': 0.001\}"):
+    with pytest.raises(ValueError, match=r"reference-s0/eval.json: a run of another recipe \(rl.lr: 0.001 -> 0.0002\)"):
+        ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)
+    # A profile file edited since the runs (no override tells) is caught by the recipe each eval.json stores ...
+    edited = tmp_path / "edited.yaml"
+    edited.write_text("extends: micro\nrl: {lr: 0.001, kl_coef: 0.5}\n")
+    with pytest.raises(ValueError, match=r"a run of another recipe \(rl.kl_coef: 0.1 -> 0.5\)"):
+        ablations.run_all(edited, {}, runs, tmp_path / "recipe", log=lambda s: None)
+    # ... and, in a file from before it was stored, by the overrides it names.
+    del saved["rl_recipe"]
+    (tmp_path / "recipe" / "reference-s0" / "eval.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"a run of another recipe \(overrides: \{'rl.lr': 0.001\}\)"):
         ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)
     # the profile as it is: the reference at its seed is notebook 04's run, the other seed has its own folder
     ablations.run_all("micro", {}, {"reference-s1": {"seed": P.seed + 1}}, tmp_path / "plain", log=lambda s: None)

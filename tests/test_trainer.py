@@ -385,6 +385,36 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
     assert path.read_text() == '{"step": 1}\n{"ste\n{"step": 2}\n', "nothing is lost on error"
 
 
+def test_a_run_folder_refuses_a_profile_edited_since_and_keeps_its_run(policy_dir, protocol_model, bm25, tmp_path):
+    rows = protocol_model[1]
+    settings = dict(engine="bm25", steps=2, questions_per_step=2, group_size=2, mini_batch_size=4, validate_every=0,
+                    checkpoint_every=1)
+    run = _run(_profile(policy_dir, **settings), tmp_path, bm25, rows, steps=1)
+    stored = json.loads(run.recipe_path.read_text())
+    assert stored["rl"]["lr"] == 2.0e-4 and stored["seed"] == 0 and "checkpoint_every" not in stored["rl"]
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    for edit in ({"lr": 4.0e-4}, {"steps": 3}):  # a changed lr; a longer run is another curriculum too
+        with pytest.raises(ValueError, match=r"recipe\.json.*rl\.(lr: 0\.0002 -> 0\.0004|steps: 2 -> 3)"):
+            _run(_profile(policy_dir, **{**settings, **edit}), tmp_path, bm25, rows)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before, "nothing touched"
+
+    # Memory and bookkeeping settings may change between sessions: the run resumes and finishes.
+    resumed = _run(_profile(policy_dir, **{**settings, "micro_batch_size": 2, "keep_checkpoints": 3}), tmp_path, bm25, rows)
+    assert resumed.step_count == 2 and [m["step"] for m in read_rows(resumed.metrics_path)] == [1, 2]
+    # Training afresh is the way to the edited recipe, which the folder then records.
+    fresh = _run(_profile(policy_dir, **{**settings, "lr": 4.0e-4}), tmp_path, bm25, rows, steps=1, resume=False)
+    assert json.loads(fresh.recipe_path.read_text())["rl"]["lr"] == 4.0e-4
+    assert [m["step"] for m in read_rows(fresh.metrics_path)] == [1]
+
+
+def test_recipe_changes_name_each_setting_that_differs():
+    a = {"seed": 0, "rl": {"lr": 2e-4, "steps": 30, "engine": "simulator"}}
+    b = {"seed": 1, "rl": {"lr": 2e-4, "steps": 30, "engine": "bm25", "reward": "em"}}
+    assert trainer.recipe_changes(a, b) == ["rl.engine: 'simulator' -> 'bm25'", "rl.reward: None -> 'em'", "seed: 0 -> 1"]
+    assert trainer.recipe_changes(a, json.loads(json.dumps(a))) == []
+
+
 def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy_dir, protocol_model, bm25,
                                                                          monkeypatch, tmp_path):
     rows = protocol_model[1]

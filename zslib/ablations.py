@@ -116,14 +116,18 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
     results = {}
     for name, run in runs.items():
         folder = root / name
+        P = config.load_profile(profile_name, {**overrides, **run})
         if (folder / "eval.json").exists():
             results[name] = json.loads((folder / "eval.json").read_text())
-            theirs = results[name].get("recipe", {})  # none in files written before recipes had folders
-            if recipe(theirs) != changed:
-                raise ValueError(f"{folder / 'eval.json'}: a run of the recipe {theirs}, not of {changed}; "
+            # The whole recipe the run trained with (the profile file may have been edited since); files
+            # written before it was stored name their overrides only, and older ones nothing.
+            theirs = results[name].get("rl_recipe")
+            changes = trainer.recipe_changes(theirs, trainer.run_recipe(P)) if theirs else \
+                [] if recipe(results[name].get("recipe", {})) == changed else [f"overrides: {results[name]['recipe']}"]
+            if changes:
+                raise ValueError(f"{folder / 'eval.json'}: a run of another recipe ({'; '.join(changes)}); "
                                  "give each recipe its own folder (results_dir)")
             continue
-        P = config.load_profile(profile_name, {**overrides, **run})
         if P.rl.engine not in engines:  # built when a run first needs it
             engines[P.rl.engine] = trainer.rl_simulator(P)
         # The reference at the profile's own seed is notebook 04's run (trained or resumed there), unless the
@@ -139,7 +143,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         best = T.use_best_policy()
         kept = last if best is None or best["step"] == T.step_count else \
             heldout_scores(T.policy, T.tokenizer, P, real, n, desc=f"{name}, kept step")
-        out = {"run": name, "overrides": run, "recipe": changed, "steps": T.step_count,
+        out = {"run": name, "overrides": run, "recipe": changed, "rl_recipe": trainer.run_recipe(P), "steps": T.step_count,
                "kept_step": best["step"] if best else T.step_count,
                "kept": kept, "last": last, "train_minutes": sum(m["seconds"] for m in metrics) / 60,
                "guard": sorted({m["guard_action"] for m in metrics if m.get("guard_action")})}

@@ -77,6 +77,22 @@ def step_key(step: Step, profile_dict: dict, overrides: dict, before: str) -> st
     return h.hexdigest()
 
 
+def step_keys(profile_dict: dict, overrides: dict, notebook_dir: Path = NOTEBOOK_DIR) -> list[tuple[Step, str]]:
+    """Every step with its ``step_key``, in order."""
+    out, before = [], ""
+    for step in steps(notebook_dir):
+        before = step_key(step, profile_dict, overrides, before)
+        out.append((step, before))
+    return out
+
+
+def current_steps(profile: str = "tiny", overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> set[str]:
+    """The steps ``run`` would skip: those whose last success had the inputs they have now."""
+    overrides = overrides or {}
+    P = load_profile(profile, overrides)
+    return {step.name for step, key in step_keys(to_dict(P), overrides, notebook_dir) if is_current(P.out, step, key)}
+
+
 def _stamp_path(out: Path, step: Step) -> Path:
     return out / "pipeline" / f"{step.name}.json"
 
@@ -149,13 +165,10 @@ def run(profile: str = "tiny", start: str | None = None, stop: str | None = None
     """Run (or skip) each selected step in order; returns one record per step. Raises StepFailed."""
     overrides = overrides or {}
     P = load_profile(profile, overrides)  # bad overrides fail here, before any notebook starts
-    profile_dict = to_dict(P)
-    all_steps = steps(notebook_dir)
-    chosen = _select(all_steps, start, stop)
-    records, before = [], ""
-    for step in all_steps:
-        key = step_key(step, profile_dict, overrides, before)
-        before = key
+    keyed = step_keys(to_dict(P), overrides, notebook_dir)
+    chosen = _select([step for step, _ in keyed], start, stop)
+    records = []
+    for step, key in keyed:
         if step not in chosen:
             continue
         stamp = _stamp_path(P.out, step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import random
 import shutil
@@ -32,7 +33,7 @@ from . import algos, distributed, guard
 from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
-from .files import append_jsonl, complete_folders, read_jsonl, write_folder_atomic, write_jsonl
+from .files import append_jsonl, complete_folders, read_jsonl, write_folder_atomic, write_jsonl, write_text_atomic
 from .generation.backends import backend_for
 from .progress import tqdm
 from .reward import REWARDS, exact_match, f1_score
@@ -170,6 +171,30 @@ def run_figures(metrics: list[dict], base_em: float, trained_em: float) -> dict:
             "val_em_2hop_drop": drop("val_em_2hop")}
 
 
+# ``rl`` settings that size memory, processes or bookkeeping only: a run resumed with other values of them takes
+# the same steps (up to float rounding), so they may change between sessions and machines.
+RESUMABLE_CHANGES = ("micro_batch_size", "micro_batch_tokens", "logprob_chunk", "gradient_checkpointing", "fsdp",
+                     "checkpoint_every", "keep_checkpoints", "samples_per_step")
+
+
+def run_recipe(profile) -> dict:
+    """What an RL run trains with: the seed and the ``rl`` section but ``RESUMABLE_CHANGES``. A run folder keeps
+    the recipe it started with (``recipe.json``), so that a profile edited since (``rl.lr``, say) is never
+    resumed, or read back, as the run it holds."""
+    rl = {k: v for k, v in dataclasses.asdict(profile.rl).items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps({"seed": profile.seed, "rl": rl}))  # as it reads back from the file
+
+
+def recipe_changes(stored: dict, wanted: dict) -> list[str]:
+    """``key: stored -> wanted`` for each setting that differs between two ``run_recipe``s."""
+    flat: dict[str, list] = {}
+    for which, recipe in enumerate((stored, wanted)):
+        for k, v in recipe.items():
+            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+                flat.setdefault(f"{k}.{kk}" if kk else k, [None, None])[which] = vv
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(flat.items()) if a != b]
+
+
 def make_engines(profile, engine=None, real=None, device: str | None = None) -> tuple[object, object | None]:
     """(the engine RL searches, the real engine validation asks or None), building those not given:
     ``rl.engine``'s simulator (``simulator.engine_for``) or the profile's real engine, and the real
@@ -261,6 +286,7 @@ class RLTrainer:
         self.run_dir = Path(run_dir or profile.rl_dir)
         self.metrics_path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
         self.ckpt_dir, self.best_dir = self.run_dir / "checkpoints", self.run_dir / "best"
+        self.recipe_path = self.run_dir / "recipe.json"  # run_recipe as the run started
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.models = models or load_models(profile, self.algorithm.needs_critic)
@@ -645,6 +671,9 @@ class RLTrainer:
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             shutil.rmtree(self.best_dir, ignore_errors=True)
+            self.recipe_path.unlink(missing_ok=True)
+        if distributed.is_main():
+            self._check_recipe()
         distributed.barrier()  # the others read what the main process left
         if resume and self.load_checkpoint():
             self._rank_streams()
@@ -677,6 +706,21 @@ class RLTrainer:
         return out
 
     # ------------------------------------------------------------ checkpoints
+
+    def _check_recipe(self) -> None:
+        """Refuse to go on with a run folder that holds a run of another recipe (the profile was edited since it
+        started); a run that starts here records its recipe. A folder from before recipes were recorded
+        has none, and is resumed unchecked."""
+        ours = run_recipe(self.profile)
+        if self.recipe_path.exists():
+            changes = recipe_changes(json.loads(self.recipe_path.read_text()), ours)
+            if changes:
+                raise ValueError(
+                    f"{self.recipe_path}: this folder holds a run of another recipe than the profile's "
+                    f"({'; '.join(changes)}): train afresh (notebook 04: fresh = True; train(resume=False)) or "
+                    "give the run a folder of its own; the run there is left as it is")
+        elif not self.checkpoints():
+            write_text_atomic(self.recipe_path, json.dumps(ours, indent=1))
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (an unfinished one keeps its ``.tmp`` name)."""
