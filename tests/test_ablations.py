@@ -164,7 +164,7 @@ def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeyp
     assert saved["recipe"] == {"rl.lr": 0.001} and out["reference-s0"]["train_minutes"] == 0.5
     ablations.run_all("micro", {"rl.lr": "1e-3"}, runs, tmp_path / "recipe", log=lambda s: None)
     assert len(trained) == 2  # read back, not trained again
-    with pytest.raises(ValueError, match=r"reference-s0/eval.json: a run of another recipe \(rl.lr: 0.001 -> 0.0002\)"):
+    with pytest.raises(ValueError, match=rf"reference-s0/eval.json: a run of another recipe \(rl.lr: 0.001 -> {P.rl.lr}\)"):
         ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)
     # A profile file edited since the runs (no override tells) is caught by the recipe each eval.json stores ...
     edited = tmp_path / "edited.yaml"

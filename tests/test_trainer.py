@@ -387,15 +387,15 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_cut_off_line(tmp_path):
 
 def test_a_run_folder_refuses_a_profile_edited_since_and_keeps_its_run(policy_dir, protocol_model, bm25, tmp_path):
     rows = protocol_model[1]
-    settings = dict(engine="bm25", steps=2, questions_per_step=2, group_size=2, mini_batch_size=4, validate_every=0,
-                    checkpoint_every=1)
+    settings = dict(engine="bm25", steps=2, lr=3.0e-4, questions_per_step=2, group_size=2, mini_batch_size=4,
+                    validate_every=0, checkpoint_every=1)
     run = _run(_profile(policy_dir, **settings), tmp_path, bm25, rows, steps=1)
     stored = json.loads(run.recipe_path.read_text())
-    assert stored["rl"]["lr"] == 2.0e-4 and stored["seed"] == 0 and "checkpoint_every" not in stored["rl"]
+    assert stored["rl"]["lr"] == 3.0e-4 and stored["seed"] == 0 and "checkpoint_every" not in stored["rl"]
     before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
 
-    for edit in ({"lr": 4.0e-4}, {"steps": 3}):  # a changed lr; a longer run is another curriculum too
-        with pytest.raises(ValueError, match=r"recipe\.json.*rl\.(lr: 0\.0002 -> 0\.0004|steps: 2 -> 3)"):
+    for edit in ({"lr": 6.0e-4}, {"steps": 3}):  # a changed lr; a longer run is another curriculum too
+        with pytest.raises(ValueError, match=r"recipe\.json.*rl\.(lr: 0\.0003 -> 0\.0006|steps: 2 -> 3)"):
             _run(_profile(policy_dir, **{**settings, **edit}), tmp_path, bm25, rows)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before, "nothing touched"
 
@@ -403,8 +403,8 @@ def test_a_run_folder_refuses_a_profile_edited_since_and_keeps_its_run(policy_di
     resumed = _run(_profile(policy_dir, **{**settings, "micro_batch_size": 2, "keep_checkpoints": 3}), tmp_path, bm25, rows)
     assert resumed.step_count == 2 and [m["step"] for m in read_rows(resumed.metrics_path)] == [1, 2]
     # Training afresh is the way to the edited recipe, which the folder then records.
-    fresh = _run(_profile(policy_dir, **{**settings, "lr": 4.0e-4}), tmp_path, bm25, rows, steps=1, resume=False)
-    assert json.loads(fresh.recipe_path.read_text())["rl"]["lr"] == 4.0e-4
+    fresh = _run(_profile(policy_dir, **{**settings, "lr": 6.0e-4}), tmp_path, bm25, rows, steps=1, resume=False)
+    assert json.loads(fresh.recipe_path.read_text())["rl"]["lr"] == 6.0e-4
     assert [m["step"] for m in read_rows(fresh.metrics_path)] == [1]
 
 
