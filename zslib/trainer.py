@@ -717,8 +717,8 @@ class RLTrainer:
             if changes:
                 raise ValueError(
                     f"{self.recipe_path}: this folder holds a run of another recipe than the profile's "
-                    f"({'; '.join(changes)}): train afresh (notebook 04: fresh = True; train(resume=False)) or "
-                    "give the run a folder of its own; the run there is left as it is")
+                    f"({'; '.join(changes)}), left as it is: to train afresh, move or delete {self.run_dir} "
+                    "(or set fresh = True in notebook 04, train(resume=False) here), or give the run a folder of its own")
         elif not self.checkpoints():
             write_text_atomic(self.recipe_path, json.dumps(ours, indent=1))
 
