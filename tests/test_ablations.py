@@ -176,6 +176,10 @@ def test_a_recipe_changed_by_overrides_gets_its_own_folder_and_reference(monkeyp
     (tmp_path / "recipe" / "reference-s0" / "eval.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"a run of another recipe \(overrides: \{'rl.lr': 0.001\}\)"):
         ablations.run_all("micro", {}, runs, tmp_path / "recipe", log=lambda s: None)
+    del saved["recipe"]  # the oldest files name nothing: the profile as it is
+    (tmp_path / "recipe" / "reference-s0" / "eval.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"a run of another recipe \(overrides: \{\}\)"):
+        ablations.run_all("micro", {"rl.lr": 0.001}, runs, tmp_path / "recipe", log=lambda s: None)
     # the profile as it is: the reference at its seed is notebook 04's run, the other seed has its own folder
     ablations.run_all("micro", {}, {"reference-s1": {"seed": P.seed + 1}}, tmp_path / "plain", log=lambda s: None)
     ablations.run_all("micro", {}, {"reference-s0": {"seed": P.seed}}, tmp_path / "plain0", log=lambda s: None)

@@ -118,12 +118,12 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         folder = root / name
         P = config.load_profile(profile_name, {**overrides, **run})
         if (folder / "eval.json").exists():
-            results[name] = json.loads((folder / "eval.json").read_text())
-            # The whole recipe the run trained with (the profile file may have been edited since); files
-            # written before it was stored name their overrides only, and older ones nothing.
-            theirs = results[name].get("rl_recipe")
-            changes = trainer.recipe_changes(theirs, trainer.run_recipe(P)) if theirs else \
-                [] if recipe(results[name].get("recipe", {})) == changed else [f"overrides: {results[name]['recipe']}"]
+            stored = results[name] = json.loads((folder / "eval.json").read_text())
+            if "rl_recipe" in stored:  # the whole recipe it trained with: the profile file may have been edited since
+                changes = trainer.recipe_changes(stored["rl_recipe"], trainer.run_recipe(P))
+            else:  # written before that was stored: its overrides only (none in the oldest files)
+                theirs = stored.get("recipe", {})
+                changes = [] if recipe(theirs) == changed else [f"overrides: {theirs}"]
             if changes:
                 raise ValueError(f"{folder / 'eval.json'}: a run of another recipe ({'; '.join(changes)}); "
                                  "give each recipe its own folder (results_dir)")
