@@ -449,9 +449,10 @@ def test_run_figures_read_the_drop_on_1_hop_validation_and_report_2_hop_apart():
     assert trainer.run_figures([], 0.5, 0.5)["val_em_drop"] is None
 
 
-def _guarded(policy_dir, action, lr, **guard):
-    profile = _profile(policy_dir, engine="bm25", steps=4, questions_per_step=2, group_size=3, mini_batch_size=6,
-                       validate_every=1, checkpoint_every=1, lr=lr, warmup_steps=0)
+def _guarded(policy_dir, action, lr, rl=None, **guard):
+    settings = dict(engine="bm25", steps=4, questions_per_step=2, group_size=3, mini_batch_size=6,
+                    validate_every=1, checkpoint_every=1, lr=lr, warmup_steps=0)
+    profile = _profile(policy_dir, **{**settings, **(rl or {})})
     return dataclasses.replace(profile, guard=dataclasses.replace(profile.guard, action=action, **guard))
 
 
@@ -464,8 +465,11 @@ def test_an_induced_collapse_is_caught_and_a_healthy_run_is_not_touched(policy_d
     assert metrics[-1]["guard_signs"] and all("guard_action" not in m for m in metrics[:-1])
     assert wrecked.checkpoints()[-1].name == f"step-{metrics[-1]['step']:06d}"  # stopped with a checkpoint
     print("signs:", metrics[-1]["guard_signs"])
-    healthy = _run(_guarded(policy_dir, "stop", 1e-5, window=1), tmp_path / "healthy", bm25, rows)
-    assert [m["step"] for m in read_rows(healthy.metrics_path)] == [1, 2, 3, 4]
+    # The healthy run is watched as the profile sets the guard (a window of 3 steps) over 12 trajectories a
+    # step: with one step of 6, batch noise alone passes the entropy bar even at a learning rate of 1e-9.
+    healthy = _run(_guarded(policy_dir, "stop", 1e-5, rl=dict(steps=6, questions_per_step=4, mini_batch_size=12)),
+                   tmp_path / "healthy", bm25, rows)
+    assert [m["step"] for m in read_rows(healthy.metrics_path)] == [1, 2, 3, 4, 5, 6]
     assert all("guard_action" not in m for m in read_rows(healthy.metrics_path))
 
 
