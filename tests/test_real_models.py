@@ -6,6 +6,7 @@ backend can stop inside a token and return text past the action. These tests fai
 breaks real models; on failure they show each turn's mask-1 text."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,23 @@ def test_warmup_demonstrations_answer_the_memory_relations_without_a_search(tiny
     assert born_in > 0 and len(demos) == 40 + 2 * born_in
     extra = [tokenizer.decode([i for i, m in zip(d.ids, d.mask) if m]) for d in demos[40:]]
     assert all("<search>" not in text and "<answer>" in text for text in extra), extra[:2]
+
+
+def test_a_kept_warmed_up_base_of_another_recipe_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from zslib import config, warmup
+    from zslib.files import write_recipe
+
+    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
+    made = load_profile("smollm2")
+    folder = Path(made.policy_path)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # kept as it is: nothing may load it
+    write_recipe(folder, warmup.warmup_recipe(made))
+    (made.models_dir / "policy-base.loss.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert warmup.protocol_warmup(made, None, {}, [])["history"] == [{"step": 1, "loss": 2.0}]
+    for edit, named in (({"warmup.lr": 3e-4}, r"warmup\.lr: [0-9.e-]+ -> 0\.0003\)"), ({"search.topk": 2}, "search.topk")):
+        with pytest.raises(ValueError, match=rf"policy-base/recipe\.json: .*{named}.*rebuild = True"):
+            warmup.protocol_warmup(load_profile("smollm2", edit), None, {}, [])
 
 
 def test_warmup_demonstrations_render_the_prompt_with_the_policys_thinking(tiny_world, bm25, qwen3_tokenizer):

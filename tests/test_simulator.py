@@ -138,6 +138,36 @@ def test_sft_without_gradient_checkpointing_trains_the_same_weights(tokenizer, t
         torch.testing.assert_close(weights[False][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_fine_tuned_simulator_is_kept_for_its_recipe_and_refused_for_another(tokenizer, tmp_path, monkeypatch):
+    from zslib import config, labeling, simulator
+
+    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
+    base = _saved_base(tokenizer, tmp_path / "base", hidden_size=32, intermediate_size=64, num_layers=1)
+    pairs = [{"question": f"Where was Xo{i} born?", "golden_answers": ["Tavin"], "query": f"Xo{i} born",
+              "docs": [["Xo", f"Xo{i} was born in Tavin."]] * 2, "useful": i % 2 == 0, "source": "trajectory"}
+             for i in range(8)]
+    rows = labeling.sft_rows(pairs, tokenizer, 30)
+
+    def tune(rows, retrain=False, **edits):
+        P = config.load_profile("tiny", {"simulator.lora": False, "simulator.max_steps": 2, "simulator.batch_size": 4,
+                                         "simulator.bf16": False, "models.simulator": str(base), **edits})
+        return P, simulator.fine_tune(P, rows, retrain=retrain)
+
+    P, result = tune(rows)
+    assert result["trainable"] > 0 and (P.simulator_dir / "recipe.json").exists()
+    assert tune(rows)[1] is None, "the same recipe: kept"
+    assert tune(rows, **{"simulator.temperature": 0.5, "simulator.gradient_checkpointing": False})[1] is None, \
+        "decoding and memory settings do not make another simulator"
+    before = {p: p.read_bytes() for p in sorted(P.simulator_dir.rglob("*")) if p.is_file()}
+    for edit, named in (({"simulator.lr": 1e-3}, r"simulator\.lr: [0-9.e-]+ -> 0\.001\)"),
+                        ({"seed": 3}, "seed: 0 -> 3"), ({}, "sft_rows: ")):
+        with pytest.raises(ValueError, match=rf"simulator/recipe\.json: .*{named}.*retrain = True"):
+            tune(rows if edit else rows[:-1], **edit)  # no edit: the rows of new labels
+    assert {p: p.read_bytes() for p in sorted(P.simulator_dir.rglob("*")) if p.is_file()} == before, "nothing touched"
+    P, result = tune(rows[:-1], retrain=True)
+    assert result is not None and tune(rows[:-1])[1] is None, "retrained: the new rows' simulator is kept"
+
+
 def test_sft_grouped_by_length_pads_less_than_random_batches(tokenizer, tmp_path):
     from zslib import config, labeling, simulator
 

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,19 +191,23 @@ def test_decision_margins_equal_the_two_openings_scored_token_by_token(protocol_
         assert margin == pytest.approx(totals[0] - totals[1], abs=1e-3)
 
 
+# a short build of both bases
+SMALL_BASES = {"tiny.hidden_size": 64, "tiny.intermediate_size": 128, "tiny.num_layers": 1, "tiny.num_heads": 2,
+               "tiny.num_kv_heads": 1, "tiny.copy_warmup_steps": 3, "tiny.policy_copy_warmup_steps": 3,
+               "tiny.copy_drills": 50, "tiny.policy_steps": 4, "tiny.simulator_steps": 3, "tiny.simulator_copy_steps": 2,
+               "tiny.answer_drills": 40, "tiny.batch_tokens": 1024, "tiny.copy_warmup_batch_tokens": 512,
+               "tiny.simulator_copy_batch_tokens": 512}
+
+
 def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, bm25, tmp_path, monkeypatch):
     """Same seed, same machine: byte-identical bases (a short build of both)."""
     from zslib import config
 
     monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
-    small = {"tiny.hidden_size": 64, "tiny.intermediate_size": 128, "tiny.num_layers": 1, "tiny.num_heads": 2,
-             "tiny.num_kv_heads": 1, "tiny.copy_warmup_steps": 3, "tiny.policy_copy_warmup_steps": 3, "tiny.copy_drills": 50, "tiny.policy_steps": 4,
-             "tiny.simulator_steps": 3, "tiny.simulator_copy_steps": 2, "tiny.answer_drills": 40,
-             "tiny.batch_tokens": 1024, "tiny.copy_warmup_batch_tokens": 512, "tiny.simulator_copy_batch_tokens": 512}
     splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
     weights = []
     for run in ("a", "b"):
-        profile = config.load_profile("tiny", {**small, "name": run})
+        profile = config.load_profile("tiny", {**SMALL_BASES, "name": run})
         pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"], splits)
         weights.append({name: (profile.models_dir / name / "model.safetensors").read_bytes()
                         for name in ("policy-base", "simulator-base")})
@@ -210,6 +217,40 @@ def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, 
                    if r["phase"] == "copy warm-up"] for name in ("policy-base", "simulator-base")}
     assert len(warm["policy-base"]) == len(warm["simulator-base"]) == 3
     assert warm["policy-base"] != warm["simulator-base"]
+
+
+def test_a_kept_base_of_another_recipe_is_refused_and_one_bases_setting_leaves_the_other_current(
+        tokenizer, tiny_world, bm25, tmp_path, monkeypatch):
+    from zslib import config
+
+    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
+    splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
+
+    def build(**edits):
+        profile = config.load_profile("tiny", {**SMALL_BASES, "name": "run", **edits})
+        return profile, pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300],
+                                                tiny_world["entities"], splits)
+
+    profile, logs = build()
+    assert sorted(logs) == ["policy-base", "simulator-base"]
+    assert json.loads((profile.models_dir / "policy-base" / "recipe.json").read_text())["tiny"]["policy_steps"] == 4
+    assert build()[1] == {}, "the same recipe: both kept"
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for edit, changed in (({"tiny.policy_steps": 5}, "policy-base"), ({"tiny.simulator_steps": 4}, "simulator-base"),
+                          ({"tiny.lr": 1e-3}, "simulator-base"), ({"seed": 1}, "simulator-base")):
+        key = next(iter(edit))
+        with pytest.raises(ValueError, match=rf"{changed}/recipe\.json: .*{key}: .* -> "):
+            build(**edit)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before, "nothing touched"
+    # A policy-only setting with the policy base deleted: only it is trained, the simulator base is current.
+    shutil.rmtree(profile.models_dir / "policy-base")
+    assert sorted(build(**{"tiny.policy_steps": 5})[1]) == ["policy-base"]
+    # A base linked in from another run (benchmarks/seeds.py shares seed 0's simulator) is that run's to check.
+    other = config.load_profile("tiny", {**SMALL_BASES, "name": "other", "tiny.lr": 1e-3})
+    other.models_dir.mkdir(parents=True)
+    (other.models_dir / "simulator-base").symlink_to(profile.models_dir / "simulator-base", target_is_directory=True)
+    assert sorted(pretraining.build_bases(other, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"],
+                                          splits)) == ["policy-base"]
 
 
 def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):

@@ -409,10 +409,11 @@ def test_a_run_folder_refuses_a_profile_edited_since_and_keeps_its_run(policy_di
 
 
 def test_recipe_changes_name_each_setting_that_differs():
+    from zslib.files import recipe_changes
     a = {"seed": 0, "rl": {"lr": 2e-4, "steps": 30, "engine": "simulator"}}
     b = {"seed": 1, "rl": {"lr": 2e-4, "steps": 30, "engine": "bm25", "reward": "em"}}
-    assert trainer.recipe_changes(a, b) == ["rl.engine: 'simulator' -> 'bm25'", "rl.reward: None -> 'em'", "seed: 0 -> 1"]
-    assert trainer.recipe_changes(a, json.loads(json.dumps(a))) == []
+    assert recipe_changes(a, b) == ["rl.engine: 'simulator' -> 'bm25'", "rl.reward: None -> 'em'", "seed: 0 -> 1"]
+    assert recipe_changes(a, json.loads(json.dumps(a))) == []
 
 
 def test_two_hop_validation_keeps_the_step_best_on_the_mean_of_both_kinds(policy_dir, protocol_model, bm25,

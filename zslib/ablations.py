@@ -21,7 +21,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from .files import read_jsonl
+from .files import read_jsonl, recipe_changes
 
 FAMILIES: dict[str, dict[str, dict]] = {
     "curriculum": {"exponential": {}, "linear": {"rl.curriculum": "linear"},
@@ -120,7 +120,7 @@ def run_all(profile_name: str, overrides: dict, runs: dict[str, dict], root: str
         if (folder / "eval.json").exists():
             stored = results[name] = json.loads((folder / "eval.json").read_text())
             if "rl_recipe" in stored:  # the whole recipe it trained with: the profile file may have been edited since
-                changes = trainer.recipe_changes(stored["rl_recipe"], trainer.run_recipe(P))
+                changes = recipe_changes(stored["rl_recipe"], trainer.run_recipe(P))
             else:  # written before that was stored: its overrides only (none in the oldest files)
                 theirs = stored.get("recipe", {})
                 changes = [] if recipe(theirs) == changed else [f"overrides: {theirs}"]

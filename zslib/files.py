@@ -7,7 +7,10 @@ keeps: a reader never sees half a file, and an interrupted run loses nothing alr
   last line cut off mid-write, which an appending writer may leave (``torn_tail``);
 - ``write_jsonl`` and ``write_text_atomic``: a temporary file, then a rename;
 - ``append_jsonl``: lines added and flushed to disk before the call returns;
-- ``write_folder_atomic`` and ``complete_folders``: checkpoint-style folders that appear whole or not at all.
+- ``write_folder_atomic`` and ``complete_folders``: checkpoint-style folders that appear whole or not at all;
+- ``check_recipe`` and ``write_recipe``: a folder that a step keeps between runs (a base, a fine-tuned simulator,
+  an RL run) records the settings that made it (``recipe.json``), so a profile edited since is refused, never
+  mistaken for the folder's recipe.
 """
 
 from __future__ import annotations
@@ -106,3 +109,41 @@ def complete_folders(parent: str | Path, pattern: str = "step-*") -> list[Path]:
     if not parent.exists():
         return []
     return sorted(p for p in parent.glob(pattern) if not p.name.endswith(".tmp"))
+
+
+RECIPE = "recipe.json"  # in a kept folder: the settings that made it
+
+
+def as_recipe(settings: dict) -> dict:
+    """``settings`` as they read back from a recipe file (tuples become lists, and so on)."""
+    return json.loads(json.dumps(settings, default=str))
+
+
+def recipe_changes(stored: dict, wanted: dict) -> list[str]:
+    """``key: stored -> wanted`` for each setting that differs between two recipes (a section's settings
+    are named ``section.key``)."""
+    flat: dict[str, list] = {}
+    for which, recipe in enumerate((stored, wanted)):
+        for k, v in recipe.items():
+            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+                flat.setdefault(f"{k}.{kk}" if kk else k, [None, None])[which] = vv
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(flat.items()) if a != b]
+
+
+def check_recipe(folder: str | Path, recipe: dict, what: str, remedy: str) -> None:
+    """Refuse ``folder`` when its ``recipe.json`` differs from ``recipe``: a ValueError naming the file, each
+    setting that differs, and ``remedy``; nothing is touched. A folder without one (made before recipes were
+    recorded) passes unchecked, and so does a link: it is another run's, shared on purpose and checked there
+    (``benchmarks/seeds.py`` links seed 0's simulator into the other seeds' runs)."""
+    folder = Path(folder)
+    path = folder / RECIPE
+    if folder.is_symlink() or not path.exists():
+        return
+    changes = recipe_changes(json.loads(path.read_text()), as_recipe(recipe))
+    if changes:
+        raise ValueError(f"{path}: this folder holds {what} of another recipe than the profile's "
+                         f"({'; '.join(changes)}), left as it is: {remedy}")
+
+
+def write_recipe(folder: str | Path, recipe: dict) -> None:
+    write_text_atomic(Path(folder) / RECIPE, json.dumps(as_recipe(recipe), indent=1))

@@ -8,6 +8,7 @@ or noisy documents and for which question and gold answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .curriculum import draw_noisy
+from .files import RECIPE, check_recipe, write_recipe
 from .generation.models import check_special_tokens, load_tokenizer, quiet_loading
 from .http_client import post_json
 from .progress import tqdm
@@ -290,6 +292,36 @@ def train_simulator(profile, sft_rows: list[dict], out_dir: str | Path | None = 
     (out_dir / "sft.loss.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     return {"history": history, "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "padded_tokens": trainer.state.num_input_tokens_seen}
+
+
+# The simulator settings that shape its fine-tuned weights (the rest are decoding and serving, or memory for time).
+SFT_SETTINGS = ("lora", "lora_r", "lora_alpha", "lora_targets", "train_lm_head", "lr", "epochs", "max_steps",
+                "batch_size", "grad_accum", "max_length", "bf16", "group_by_length")
+
+
+def sft_recipe(profile, sft_rows: list[dict]) -> dict:
+    """What a fine-tuned simulator is made from: the seed, its base (and the base's own recipe, where it
+    records one), ``SFT_SETTINGS``, and a digest of the SFT rows (so new labels from notebook 02 count)."""
+    base = Path(profile.simulator_path) / RECIPE
+    rows = hashlib.sha256(json.dumps(sft_rows, sort_keys=True).encode()).hexdigest()
+    return {"seed": profile.seed, "base": {"models.simulator": profile.models.simulator,
+                                           "recipe": json.loads(base.read_text()) if base.exists() else None},
+            "simulator": {k: getattr(profile.simulator, k) for k in SFT_SETTINGS}, "sft_rows": rows}
+
+
+def fine_tune(profile, sft_rows: list[dict], retrain: bool = False) -> dict | None:
+    """``train_simulator`` into ``outputs/<profile>/simulator/``, unless it holds a fine-tuned simulator already
+    and not ``retrain``: then it is kept (None is returned), and refused when its ``sft_recipe`` differs from
+    the profile's (an error naming each setting, before anything trains)."""
+    folder = Path(profile.simulator_dir)
+    recipe = sft_recipe(profile, sft_rows)
+    if not retrain and any((folder / f).exists() for f in ("adapter_config.json", "config.json")):
+        check_recipe(folder, recipe, "a fine-tuned simulator", "retrain = True in notebook 03 fine-tunes it again")
+        return None
+    (folder / RECIPE).unlink(missing_ok=True)  # an interrupted run leaves no recipe beside half its weights
+    result = train_simulator(profile, sft_rows, folder)
+    write_recipe(folder, recipe)
+    return result
 
 
 def simulator_dtype(profile, device: str | None = None) -> str:

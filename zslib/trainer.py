@@ -33,7 +33,8 @@ from . import algos, distributed, guard
 from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
-from .files import append_jsonl, complete_folders, read_jsonl, write_folder_atomic, write_jsonl, write_text_atomic
+from .files import (RECIPE, append_jsonl, as_recipe, check_recipe, complete_folders, read_jsonl, write_folder_atomic,
+                    write_jsonl, write_recipe, write_text_atomic)
 from .generation.backends import backend_for
 from .progress import tqdm
 from .reward import REWARDS, exact_match, f1_score
@@ -182,17 +183,7 @@ def run_recipe(profile) -> dict:
     the recipe it started with (``recipe.json``), so that a profile edited since (``rl.lr``, say) is never
     resumed, or read back, as the run it holds."""
     rl = {k: v for k, v in dataclasses.asdict(profile.rl).items() if k not in RESUMABLE_CHANGES}
-    return json.loads(json.dumps({"seed": profile.seed, "rl": rl}))  # as it reads back from the file
-
-
-def recipe_changes(stored: dict, wanted: dict) -> list[str]:
-    """``key: stored -> wanted`` for each setting that differs between two ``run_recipe``s."""
-    flat: dict[str, list] = {}
-    for which, recipe in enumerate((stored, wanted)):
-        for k, v in recipe.items():
-            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
-                flat.setdefault(f"{k}.{kk}" if kk else k, [None, None])[which] = vv
-    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(flat.items()) if a != b]
+    return as_recipe({"seed": profile.seed, "rl": rl})
 
 
 def make_engines(profile, engine=None, real=None, device: str | None = None) -> tuple[object, object | None]:
@@ -286,7 +277,7 @@ class RLTrainer:
         self.run_dir = Path(run_dir or profile.rl_dir)
         self.metrics_path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
         self.ckpt_dir, self.best_dir = self.run_dir / "checkpoints", self.run_dir / "best"
-        self.recipe_path = self.run_dir / "recipe.json"  # run_recipe as the run started
+        self.recipe_path = self.run_dir / RECIPE  # run_recipe as the run started
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.models = models or load_models(profile, self.algorithm.needs_critic)
@@ -712,15 +703,10 @@ class RLTrainer:
         started); a run that starts here records its recipe. A folder from before recipes were recorded
         has none, and is resumed unchecked."""
         ours = run_recipe(self.profile)
-        if self.recipe_path.exists():
-            changes = recipe_changes(json.loads(self.recipe_path.read_text()), ours)
-            if changes:
-                raise ValueError(
-                    f"{self.recipe_path}: this folder holds a run of another recipe than the profile's "
-                    f"({'; '.join(changes)}), left as it is: to train afresh, move or delete {self.run_dir} "
-                    "(or set fresh = True in notebook 04, train(resume=False) here), or give the run a folder of its own")
-        elif not self.checkpoints():
-            write_text_atomic(self.recipe_path, json.dumps(ours, indent=1))
+        check_recipe(self.run_dir, ours, "a run", f"to train afresh, move or delete {self.run_dir} (or set fresh = "
+                     "True in notebook 04, train(resume=False) here), or give the run a folder of its own")
+        if not self.recipe_path.exists() and not self.checkpoints():
+            write_recipe(self.run_dir, ours)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (an unfinished one keeps its ``.tmp`` name)."""

@@ -11,12 +11,13 @@ but a real model soon copies answers from retrieved articles without them (docs/
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
 
-from .files import write_folder_atomic
+from .files import check_recipe, write_folder_atomic, write_recipe
 from .generation.models import convert_gguf, load_causal_lm
 from .generation.packaged import PACKAGED, packaged_path
 
@@ -52,15 +53,25 @@ def warmup_demos(profile, tokenizer, engine, splits: dict, entities: list[dict])
                                   enable_thinking=profile.thinking.policy)
 
 
+def warmup_recipe(profile) -> dict:
+    """What the warmed-up policy base is made from: the seed, its source (``models.policy``), the ``warmup``
+    settings, and the search and thinking settings its demonstrations use."""
+    return {"seed": profile.seed, "models.policy": profile.models.policy, "warmup": dataclasses.asdict(profile.warmup),
+            "demos": {"search.topk": profile.search.topk, "thinking.policy": profile.thinking.policy}}
+
+
 def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild: bool = False) -> dict:
     """Train the policy base from ``models.policy`` on ``warmup_demos`` and save it to
     ``profile.policy_path`` (atomically; a LoRA adapter is merged first). Kept when it exists, unless
-    ``rebuild``. Returns {"history": loss rows, "demos": count, "trained": parameters trained}."""
+    ``rebuild``; one saved with another ``warmup_recipe`` is an error, before anything loads. Returns
+    {"history": loss rows, "demos": count, "trained": parameters trained}."""
     from .tiny import pretraining
 
     cfg, out = profile.warmup, Path(profile.policy_path)
     log = profile.models_dir / "policy-base.loss.jsonl"
+    recipe = warmup_recipe(profile)
     if (out / "config.json").exists() and not rebuild:
+        check_recipe(out, recipe, "a warmed-up policy base", "rebuild = True in notebook 00 trains it again")
         return {"history": pretraining.read_log(log), "demos": None, "trained": None}
     model, tokenizer = load_causal_lm(profile.model_source(profile.models.policy), "float32", "cpu")
     demos = warmup_demos(profile, tokenizer, engine, splits, entities)
@@ -77,6 +88,7 @@ def protocol_warmup(profile, engine, splits: dict, entities: list[dict], rebuild
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        write_recipe(folder, recipe)
 
     write_folder_atomic(out, write)
     return {"history": history, "demos": len(demos), "trained": trained}

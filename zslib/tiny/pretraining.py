@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_jsonl
+from ..files import check_recipe, read_jsonl, write_recipe
 from ..progress import tqdm
 from .recipes import Example, answer_drills, copy_drills, pack_texts, policy_examples, simulator_corpus
 from .tokenizer import EOS
@@ -168,17 +168,41 @@ def answer_copy_phase(profile, model, tokenizer, entities: list[dict], log_path,
                     desc="simulator-base, answer copying", phase="answer copying", after=after)
 
 
+# ``tiny`` settings only one base is made with; the rest (sizes, batches, learning rate, precision) make both.
+POLICY_ONLY = ("known_fraction", "demos_per_question", "demo_loss_on_information", "memory_relations", "memory_demos",
+               "guess_loss", "restate_topic", "policy_copy_warmup_steps", "copy_years", "copy_titles", "copy_drills",
+               "policy_steps")
+SIMULATOR_ONLY = ("copy_warmup_steps", "simulator_steps", "answer_drills", "simulator_copy_steps",
+                  "simulator_copy_batch_tokens")
+
+
+def base_recipe(profile, name: str) -> dict:
+    """What the tiny base ``name`` (``policy-base`` or ``simulator-base``) is made from: the seed, the world and
+    its ``tiny`` settings; the policy's also the search and thinking settings its demonstrations use. Its
+    folder records it (``recipe.json``), so a setting of the other base alone leaves it current."""
+    other = SIMULATOR_ONLY if name == "policy-base" else POLICY_ONLY
+    out = {"seed": profile.seed, "world": dataclasses.asdict(profile.world),
+           "tiny": {k: v for k, v in dataclasses.asdict(profile.tiny).items() if k not in other}}
+    if name == "policy-base":
+        out["demos"] = {"search.topk": profile.search.topk, "thinking.policy": profile.thinking.policy}
+    return out
+
+
 def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list[dict],
                 splits: dict[str, list[dict]], rebuild: bool = False) -> dict[str, list[dict]]:
     """Both tiny bases: a copy warm-up each (see ``shares``), then each its own corpus; saved for the Auto classes.
 
     A base already saved is kept unless ``rebuild``: delete one base's folder to retrain only it
-    (each phase seeds itself, so the other would come out the same). Returns the loss log of each
-    base trained (``outputs/<profile>/models/<base>.loss.jsonl``).
+    (each phase seeds itself, so the other would come out the same). A base saved with another
+    ``base_recipe`` (the profile was edited since) is an error, before anything trains. Returns the
+    loss log of each base trained (``outputs/<profile>/models/<base>.loss.jsonl``).
     """
     cfg = profile.tiny
     paths = {"simulator-base": Path(profile.simulator_path), "policy-base": Path(profile.policy_path)}
     todo = [name for name, path in paths.items() if rebuild or not (path / "config.json").exists()]
+    for name in (n for n in paths if n not in todo):
+        check_recipe(paths[name], base_recipe(profile, name), "a base", "rebuild = True in notebook 00 retrains "
+                     f"both bases; deleting {paths[name]} retrains only it")
     # The policy's warm-up holds years and titles (it copies both into queries and answers). The
     # simulator's stays names only: with years and titles there, its fine-tuned documents rarely held a
     # year answer (docs/results.md, "Figures behind the code"); its own phase 3 teaches years.
@@ -210,4 +234,5 @@ def build_bases(profile, tokenizer, engine, articles: list[dict], entities: list
         if name == "simulator-base":
             logs[name] += answer_copy_phase(profile, model, tokenizer, entities, log, after=logs[name])
         _save(model, tokenizer, paths[name])
+        write_recipe(paths[name], base_recipe(profile, name))
     return logs
