@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,41 +200,50 @@ SMALL_BASES = {"tiny.hidden_size": 64, "tiny.intermediate_size": 128, "tiny.num_
                "tiny.simulator_copy_batch_tokens": 512}
 
 
-def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, bm25, tmp_path, monkeypatch):
-    """Same seed, same machine: byte-identical bases (a short build of both)."""
+def _build_small(tokenizer, tiny_world, bm25, out, name, **edits):
+    """(profile, loss logs of the bases trained): a short build of both bases under ``out/name`` (the profile's
+    paths point there only inside this call)."""
     from zslib import config
 
-    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
-    splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
-    weights = []
-    for run in ("a", "b"):
-        profile = config.load_profile("tiny", {**SMALL_BASES, "name": run})
-        pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"], splits)
-        weights.append({name: (profile.models_dir / name / "model.safetensors").read_bytes()
-                        for name in ("policy-base", "simulator-base")})
-    assert weights[0] == weights[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config.Profile, "out", property(lambda self: Path(out) / self.name))
+        profile = config.load_profile("tiny", {**SMALL_BASES, "name": name, **edits})
+        splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
+        return profile, pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300],
+                                                tiny_world["entities"], splits)
+
+
+@pytest.fixture(scope="module")
+def small_bases(tokenizer, tiny_world, bm25, tmp_path_factory):
+    """Both bases built once, small: the outputs folder of run ``a`` (tests that change it copy it first)."""
+    out = tmp_path_factory.mktemp("bases")
+    _build_small(tokenizer, tiny_world, bm25, out, "a")
+    return out / "a"
+
+
+def test_building_the_bases_twice_gives_the_same_weights(tokenizer, tiny_world, bm25, small_bases, tmp_path):
+    """Same seed, same machine: byte-identical bases (a short build of both)."""
+    _build_small(tokenizer, tiny_world, bm25, tmp_path, "b")
+    models = tmp_path / "b" / "models"
+    for name in ("policy-base", "simulator-base"):
+        assert (models / name / "model.safetensors").read_bytes() == \
+            (small_bases / "models" / name / "model.safetensors").read_bytes(), name
     # Each base has its own warm-up: the policy's drills hold years and titles, the simulator's do not.
-    warm = {name: [r["loss"] for r in pretraining.read_log(profile.models_dir / f"{name}.loss.jsonl")
+    warm = {name: [r["loss"] for r in pretraining.read_log(models / f"{name}.loss.jsonl")
                    if r["phase"] == "copy warm-up"] for name in ("policy-base", "simulator-base")}
     assert len(warm["policy-base"]) == len(warm["simulator-base"]) == 3
     assert warm["policy-base"] != warm["simulator-base"]
 
 
 def test_a_kept_base_of_another_recipe_is_refused_and_one_bases_setting_leaves_the_other_current(
-        tokenizer, tiny_world, bm25, tmp_path, monkeypatch):
-    from zslib import config
+        tokenizer, tiny_world, bm25, small_bases, tmp_path):
+    shutil.copytree(small_bases, tmp_path / "run", symlinks=True)
 
-    monkeypatch.setattr(config.Profile, "out", property(lambda self: tmp_path / self.name))
-    splits = {s: rows[:80] for s, rows in tiny_world["splits"].items()}
+    def build(name="run", **edits):
+        return _build_small(tokenizer, tiny_world, bm25, tmp_path, name, **edits)
 
-    def build(**edits):
-        profile = config.load_profile("tiny", {**SMALL_BASES, "name": "run", **edits})
-        return profile, pretraining.build_bases(profile, tokenizer, bm25, tiny_world["articles"][:300],
-                                                tiny_world["entities"], splits)
-
-    profile, logs = build()
-    assert sorted(logs) == ["policy-base", "simulator-base"]
-    assert json.loads((profile.models_dir / "policy-base" / "recipe.json").read_text())["tiny"]["policy_steps"] == 4
+    models = tmp_path / "run" / "models"
+    assert json.loads((models / "policy-base" / "recipe.json").read_text())["tiny"]["policy_steps"] == 4
     assert build()[1] == {}, "the same recipe: both kept"
     before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     for edit, changed in (({"tiny.policy_steps": 5}, "policy-base"), ({"tiny.simulator_steps": 4}, "simulator-base"),
@@ -243,14 +253,12 @@ def test_a_kept_base_of_another_recipe_is_refused_and_one_bases_setting_leaves_t
             build(**edit)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before, "nothing touched"
     # A policy-only setting with the policy base deleted: only it is trained, the simulator base is current.
-    shutil.rmtree(profile.models_dir / "policy-base")
+    shutil.rmtree(models / "policy-base")
     assert sorted(build(**{"tiny.policy_steps": 5})[1]) == ["policy-base"]
     # A base linked in from another run (benchmarks/seeds.py shares seed 0's simulator) is that run's to check.
-    other = config.load_profile("tiny", {**SMALL_BASES, "name": "other", "tiny.lr": 1e-3})
-    other.models_dir.mkdir(parents=True)
-    (other.models_dir / "simulator-base").symlink_to(profile.models_dir / "simulator-base", target_is_directory=True)
-    assert sorted(pretraining.build_bases(other, tokenizer, bm25, tiny_world["articles"][:300], tiny_world["entities"],
-                                          splits)) == ["policy-base"]
+    (tmp_path / "other" / "models").mkdir(parents=True)
+    (tmp_path / "other" / "models" / "simulator-base").symlink_to(models / "simulator-base", target_is_directory=True)
+    assert sorted(build("other", **{"tiny.lr": 1e-3})[1]) == ["policy-base"]
 
 
 def test_copy_drills_mix_in_titles_made_of_the_worlds_title_words(tokenizer):
