@@ -34,7 +34,7 @@ from .curriculum import noise_probability
 from .data import sample_questions
 from .evaluate import greedy_with_engine, two_hop_validation_questions, validation_questions
 from .files import (RECIPE, append_jsonl, as_recipe, check_recipe, complete_folders, read_jsonl, write_folder_atomic,
-                    write_jsonl, write_recipe, write_text_atomic)
+                    write_jsonl, write_recipe)
 from .generation.backends import backend_for
 from .progress import tqdm
 from .reward import REWARDS, exact_match, f1_score
