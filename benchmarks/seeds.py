@@ -23,7 +23,8 @@ run needs it. Resumable: a notebook that finished writes ``outputs/<run>/seeds/<
 the resolved profile it ran with, and is skipped the next time while the profile is unchanged (for the profile's
 own run, a notebook also counts as done when ``make demo``'s pipeline would skip it); an interrupted notebook is
 run again and carries on from what it had saved (bases, the trajectory file and RL checkpoints are kept). After
-an edit to ``rl:``, notebook 04 refuses the RL folder of the old recipe (``trainer.run_recipe``): move it aside.
+an edit to a setting that a kept product records (a base, the fine-tuned simulator, an RL run: its
+``recipe.json``), the notebook refuses the old folder: move it aside.
 A notebook that fails, a check that stops it included, ends that run only: the others go on, the table shows
 every run, and the exit status says which failed. The table is also written to
 ``outputs/seeds-<profile>/seeds.json``.
