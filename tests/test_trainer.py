@@ -397,6 +397,10 @@ def test_a_run_folder_refuses_a_profile_edited_since_and_keeps_its_run(policy_di
     for edit in ({"lr": 6.0e-4}, {"steps": 3}):  # a changed lr; a longer run is another curriculum too
         with pytest.raises(ValueError, match=r"recipe\.json.*rl\.(lr: 0\.0003 -> 0\.0006|steps: 2 -> 3)"):
             _run(_profile(policy_dir, **{**settings, **edit}), tmp_path, bm25, rows)
+    stops = _profile(policy_dir, **settings)  # a guard that stops (or rolls back) changes what the run does
+    stops = dataclasses.replace(stops, guard=dataclasses.replace(stops.guard, action="stop"))
+    with pytest.raises(ValueError, match=r"recipe\.json.*guard\.action: 'warn' -> 'stop'"):
+        _run(stops, tmp_path, bm25, rows)
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before, "nothing touched"
 
     # Memory and bookkeeping settings may change between sessions: the run resumes and finishes.

@@ -179,11 +179,12 @@ RESUMABLE_CHANGES = ("micro_batch_size", "micro_batch_tokens", "logprob_chunk", 
 
 
 def run_recipe(profile) -> dict:
-    """What an RL run trains with: the seed and the ``rl`` section but ``RESUMABLE_CHANGES``. A run folder keeps
-    the recipe it started with (``recipe.json``), so that a profile edited since (``rl.lr``, say) is never
-    resumed, or read back, as the run it holds."""
+    """What an RL run trains with: the seed, the ``rl`` section but ``RESUMABLE_CHANGES``, and the collapse
+    guard (a stop or a rollback changes the run). A run folder keeps the recipe it started with
+    (``recipe.json``), so that a profile edited since (``rl.lr``, say) is never resumed, or read back, as the
+    run it holds."""
     rl = {k: v for k, v in dataclasses.asdict(profile.rl).items() if k not in RESUMABLE_CHANGES}
-    return as_recipe({"seed": profile.seed, "rl": rl})
+    return as_recipe({"seed": profile.seed, "rl": rl, "guard": dataclasses.asdict(profile.guard)})
 
 
 def make_engines(profile, engine=None, real=None, device: str | None = None) -> tuple[object, object | None]:
