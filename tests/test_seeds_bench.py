@@ -4,6 +4,8 @@ import importlib.util
 import subprocess
 from pathlib import Path
 
+import pytest
+
 
 def test_the_seeds_benchmark_goes_on_when_one_run_fails(monkeypatch, capsys):
     """A seed whose notebook stops at a check ends that run only: the other runs take all their notebooks, the
@@ -60,3 +62,38 @@ def test_a_notebook_done_with_another_profile_runs_again(monkeypatch, tmp_path):
     (P.out / "pipeline" / f"{nb}.json").write_text(json.dumps({"key": "an older profile's"}))
     bench.run_notebook(str(profile), {"seed": P.seed, "name": "edited"}, nb, "k")
     assert ran[-1] == "edited"
+
+
+def test_the_tables_rl_bar_reads_the_1_hop_drop_as_notebook_04_does_and_shows_2_hop_apart(monkeypatch, tmp_path):
+    """A run that keeps its 1-hop validation but loses its 2-hop one: notebook 04's bar (the 1-hop drop) holds,
+    and the table shows the 2-hop drop and the last step's EMs beside it."""
+    import json
+
+    from zslib import config
+    spec = importlib.util.spec_from_file_location("seeds_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "seeds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    overrides = {"name": "seeds-micro-s1", "seed": 1}
+    P = config.load_profile("micro", overrides)
+    for path, record in ((P.models_dir / "policy-base.eval.json",
+                          {"figures": {"em_bm25": 0.6}, "by_relation": {},
+                           "settings": {"bm25, T=1": {"em": 0.5}, "bm25, T=0": {"searched_share": 0.7}}}),
+                         (P.simulator_dir / "eval.json", {"finetuned": {"useful_contains_answer": 0.8,
+                                                                        "noisy_contains_answer": 0.0, "parse_rate": 1.0}}),
+                         (P.rl_dir / "eval.json", {"base": {"em": 0.6, "two_hop": {"em": 0.3}},
+                                                   "trained": {"em": 0.9, "searched_share": 1.0, "two_hop": {"em": 0.4}}})):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    steps = [(10, 0.85, 0.55), (20, 0.94, 0.30), (30, 0.92, 0.0)]  # (step, 1-hop, 2-hop validation EM)
+    (P.rl_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "val_em": (a + b) / 2, "val_em_1hop": a, "val_em_2hop": b}) + "\n" for s, a, b in steps))
+    f = bench.figures("micro", overrides)
+    assert f["rl em_gain"] == pytest.approx(0.3) and f["rl best step"] == 10
+    assert f["rl val_em_drop"] == pytest.approx(0.94 - 0.92)  # not the mean's 0.70 - 0.46
+    assert (f["rl last val_em_1hop"], f["rl last val_em_2hop"]) == (0.92, 0.0)
+    assert f["rl val_em_2hop_drop"] == pytest.approx(0.55)
+    P.checks.base, P.checks.simulator = {}, {}  # only RL's bars, at the tiny profile's values
+    P.checks.rl = {"em_gain": [0.15, None], "val_em_drop": [None, 0.05]}
+    monkeypatch.setattr(config, "load_profile", lambda *a, **k: P)
+    assert "val_em_drop" not in bench.bars_held("micro", overrides, f)
