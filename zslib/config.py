@@ -458,7 +458,7 @@ class GuardConfig(_Section):
     ``lr_factor``, at most ``max_rollbacks`` times, then stop). Rises and falls compare the mean of the last
     ``window`` steps with the first ``window`` since the start or the last rollback; levels, the last
     ``window``'s mean. No healthy tiny run reached a default bar (33 runs; the nearest, response length, at 72%
-    of its bar: docs/results.md)."""
+    of its bar); the validation drop's was reached when a bf16 run lost its 2-hop searches (docs/results.md)."""
     KEY = "guard"
     action: str = choice("warn", ("off", "warn", "stop", "rollback"))
     window: int = number(3, low=1)
